@@ -1,0 +1,70 @@
+# Inspection appliance: the two commands are `make demo` and `make test`.
+# Every target installs what it needs into .venv (and Debian packages when run as root).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+
+# Knobs for the model targets (override on the command line: make train DATA=/data/parts RUN=runs/v1)
+DATA      ?= data/parts
+RUN       ?= runs/latest
+BUNDLE    ?= artifacts/bundle
+EPOCHS    ?= 20
+ELPV_RUN  ?= runs/elpv
+ELPV_BUNDLE ?= artifacts/elpv-bundle
+ELPV_EPOCHS ?= 20
+
+.PHONY: help demo test lint train train-elpv export augment-preview clean
+
+help:
+	@echo "make demo             train a small model on synthetic parts, export a bundle, classify sample frames (CPU)"
+	@echo "make test             run the test suite"
+	@echo "make train DATA=DIR   train on your parts (DIR/ok, DIR/defect) into RUN=$(RUN)"
+	@echo "make export           RUN -> model bundle BUNDLE=$(BUNDLE) (FP32 + INT8 Q/DQ + FP16 ONNX)"
+	@echo "make train-elpv       the ELPV benchmark training + export (report in $(ELPV_RUN)/report)"
+	@echo "make augment-preview  artifacts/augment_preview.png: each production-condition transform"
+	@echo "make lint             ruff"
+
+# --- environment -----------------------------------------------------------------------------
+$(VENV)/.stamp-base: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[cpu,train,dev]"
+	@touch $@
+
+$(VENV)/.stamp-bench: $(VENV)/.stamp-base
+	$(PIP) install -q -e ".[cpu,train,dev,bench]"
+	@touch $@
+
+# --- the two commands ---------------------------------------------------------------------------
+demo: $(VENV)/.stamp-base
+	$(PY) -m training --dataset synthetic --synthetic-ok 120 --synthetic-defect 60 --input-size 128 \
+		--epochs 4 --patience 4 --out runs/demo --quiet
+	$(PY) -m export --run runs/demo --out artifacts/demo-bundle --calibration-images 64 --golden-images 16
+	$(PY) -m training.synthetic --out artifacts/demo-frames --frames 12 --seed 4242
+	$(VENV)/bin/appliance show-bundle artifacts/demo-bundle
+	$(VENV)/bin/appliance classify artifacts/demo-frames --bundle artifacts/demo-bundle
+
+test: $(VENV)/.stamp-base
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.stamp-base
+	$(VENV)/bin/ruff check .
+
+# --- model pipeline -----------------------------------------------------------------------------
+train: $(VENV)/.stamp-base
+	$(PY) -m training --dataset folder --data $(DATA) --out $(RUN) --epochs $(EPOCHS)
+
+export: $(VENV)/.stamp-base
+	$(PY) -m export --run $(RUN) --out $(BUNDLE)
+
+train-elpv: $(VENV)/.stamp-bench
+	$(PY) -m training --dataset elpv --out $(ELPV_RUN) --epochs $(ELPV_EPOCHS) --soft-labels --target-recall 0.9
+	$(PY) -m export --run $(ELPV_RUN) --out $(ELPV_BUNDLE)
+
+augment-preview: $(VENV)/.stamp-base
+	$(PY) -m training.augment --out artifacts/augment_preview.png
+
+clean:
+	rm -rf runs/demo artifacts/demo-bundle artifacts/demo-frames

@@ -1,0 +1,138 @@
+"""The `appliance` command: the station's one entry point (subcommands grow with the product).
+
+Exit codes: 0 ok, 1 unexpected failure, 2 configuration error, 3 dataset/image error, 4 model bundle
+error, 5 checkpoint error; see appliance/errors.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from appliance import __version__
+from appliance.errors import ApplianceError, ConfigError
+
+DESCRIPTION = """\
+Visual-inspection station runtime.
+
+A station reads parts from a camera, classifies each with the model bundle (TensorRT on the Jetson's
+GPU, ONNX Runtime on a CPU), decides pass / fail / manual_required, and reports to the control room.
+Configuration is one TOML file (see README.md, "Station configuration"), overridable with
+APPLIANCE_<SECTION>__<KEY> environment variables.
+"""
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from appliance.settings import load_settings
+
+    settings = load_settings(args.file)
+    print(f"{args.file}: OK")
+    print(f"  station  {settings.station.site}/{settings.station.line}/{settings.station.id}")
+    print(f"  model    {settings.model.bundle}  backend={settings.inference.backend}")
+    print(f"  camera   {settings.camera.source}  trigger={settings.trigger.mode}")
+    print(f"  mqtt     {'off' if not settings.mqtt.enabled else f'{settings.mqtt.host}:{settings.mqtt.port}'}")
+    return 0
+
+
+def _cmd_show_bundle(args: argparse.Namespace) -> int:
+    from appliance.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle, verify=True)
+    m = bundle.metadata
+    p = m.preprocess
+    print(f"bundle {bundle.root}  (all {len(m.files)} file hashes verified)")
+    print(f"  model       {bundle.model_id}  backbone {m.backbone}  created {m.created_utc}")
+    print(f"  input       {m.input_name} {p.channels}x{p.input_height}x{p.input_width} {p.color}, "
+          f"resize {p.resize}, mean {p.mean}, std {p.std}")
+    print(f"  classes     {', '.join(m.class_names)}")
+    d = m.decision
+    print(f"  decision    fail at defect probability >= {d.threshold:.4f}; manual band "
+          f"[{d.band_low:.4f}, {d.band_high:.4f}] (target recall {d.target_recall})")
+    for precision, metrics in m.metrics.items():
+        print(f"  {precision:5s}       held-out accuracy {metrics.get('accuracy', float('nan')):.4f}  "
+              f"recall {metrics.get('recall', float('nan')):.4f}  F1 {metrics.get('f1', float('nan')):.4f}")
+    for role, f in m.files.items():
+        print(f"  file        {role:10s} {f.path:22s} {f.bytes:>10d} bytes  sha256 {f.sha256[:16]}...")
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    """Classify image files with the bundle's FP32 model on ONNX Runtime (CPU)."""
+    import numpy as np
+
+    from appliance.bundle import load_bundle
+    from appliance.decision import OperatingPoint, Verdict, decide, defect_score
+    from appliance.images import list_images, read_image
+    from appliance.ort_backend import OnnxRuntimeBackend
+    from appliance.preprocess import preprocess
+
+    bundle = load_bundle(args.bundle)
+    meta = bundle.metadata
+    backend = OnnxRuntimeBackend(bundle.path("onnx_fp32"), threads=args.threads)
+    op = OperatingPoint(meta.decision.threshold, meta.decision.band_low, meta.decision.band_high)
+    paths: list[Path] = []
+    for item in args.images:
+        paths += list_images(item) if item.is_dir() else [item]
+    if not paths:
+        raise ConfigError(f"no images found in {', '.join(str(i) for i in args.images)}")
+    buf = np.empty((1, *meta.preprocess.input_shape), dtype=np.float32)
+    counts: dict[str, int] = {}
+    for path in paths:
+        try:
+            preprocess(read_image(path), meta.preprocess, out=buf[0])
+            score = defect_score(backend.infer(buf)[0], meta.defect_index)
+            verdict = decide(score, op)
+            detail = f"defect probability {score:.4f}"
+        except ApplianceError as exc:
+            verdict, detail = Verdict.ERROR, str(exc).splitlines()[0]
+        counts[verdict.value] = counts.get(verdict.value, 0) + 1
+        print(f"{path}: {verdict.value:15s} {detail}")
+    print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"  (model {bundle.model_id})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="validate a station config file and print every problem",
+                       description="Validate a station TOML file (and APPLIANCE_* environment overrides). "
+                       "Prints each problem as `file: key.path = value: message` and exits 2 if any.")
+    p.add_argument("file", type=Path, help="station config, e.g. /etc/appliance/station.toml")
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("show-bundle", help="verify a model bundle and print what it holds",
+                       description="Check every file of a model bundle against its sha256 and print the "
+                       "preprocessing, operating point and held-out metrics.")
+    p.add_argument("bundle", type=Path, help="model bundle directory (holds metadata.json)")
+    p.set_defaults(func=_cmd_show_bundle)
+
+    p = sub.add_parser("classify", help="classify image files with a bundle on the CPU",
+                       description="Run the bundle's FP32 model (ONNX Runtime, CPU) on image files or folders "
+                       "and print a verdict per image: pass, fail, manual_required or error.")
+    p.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    p.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"), help="model bundle directory")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=_cmd_classify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ApplianceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

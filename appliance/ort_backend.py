@@ -1,0 +1,46 @@
+"""ONNX Runtime on the CPU: the backend for stations without a usable GPU, and the reference runner.
+
+export/ uses the same class to produce the bundle's reference outputs, so "what ONNX Runtime says" means
+one thing everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from appliance.errors import BundleError
+
+
+class OnnxRuntimeBackend:
+    """One ONNX model in an ONNX Runtime CPU session; `infer` maps (N, C, H, W) float32 to logits."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: str | Path, threads: int = 2) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BundleError("onnxruntime is not installed", hint="pip install -e '.[cpu]'") from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # A quiet log: ORT warns about initializers in graph inputs for every exported model.
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile)
+            raise BundleError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.output_name = self.session.get_outputs()[0].name
+        self.model_path = Path(model_path)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a batch of preprocessed frames."""
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,199 @@
+"""The one settings model of a station: a TOML file, overridden by APPLIANCE_* environment variables.
+
+Nothing else in the code base reads configuration. Keys are a contract with the plant (documented in
+README.md); unknown keys are errors, so a typo cannot silently fall back to a default.
+
+Environment overrides use the prefix APPLIANCE_ and `__` between levels, e.g.
+`APPLIANCE_MQTT__HOST=broker.local` or `APPLIANCE_MQTT__PASSWORD=...`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from appliance.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "APPLIANCE_"
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StationSection(_Section):
+    """Who this station is; the ids build the MQTT topic prefix <root>/<site>/<line>/<id>."""
+
+    id: str = Field("station-01", pattern=_ID_PATTERN)
+    site: str = Field("site", pattern=_ID_PATTERN)
+    line: str = Field("line", pattern=_ID_PATTERN)
+
+
+class ModelSection(_Section):
+    bundle: Path = Path("artifacts/bundle")
+    # Where `make engine` stores engines and manifests for this device.
+    engine_dir: Path = Path("engines/store")
+    # Verify every bundle file's sha256 at start (a few ms for a 20 MB model; leave on).
+    verify_bundle: bool = True
+
+
+class CameraSection(_Section):
+    # A device index ("0"), a V4L2 path (/dev/video0), a video file, an rtsp:// or http:// URL, a
+    # GStreamer pipeline ending in appsink, an image folder or glob, or "synthetic".
+    source: str = "synthetic"
+    loop: bool = False
+    width: int | None = Field(None, ge=16)
+    height: int | None = Field(None, ge=16)
+    fps: float | None = Field(None, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class InferenceSection(_Section):
+    backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
+    # With backend auto or tensorrt: run the bundle's FP32 ONNX on the CPU while the GPU is unusable,
+    # instead of sending every part to manual inspection.
+    cpu_fallback: bool = False
+    threads: int = Field(2, ge=1, le=64)
+    precision: Literal["fp16", "int8", "fp32"] = "fp16"
+
+
+class DecisionSection(_Section):
+    mode: Literal["production", "shadow", "manual_fallback"] = "production"
+    # None: use the operating point stored in the bundle (chosen on validation data at training).
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    band_low: float | None = Field(None, ge=0.0, le=1.0)
+    band_high: float | None = Field(None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _band_ordered(self) -> DecisionSection:
+        if self.band_low is not None and self.band_high is not None and self.band_low > self.band_high:
+            raise ValueError(f"band_low {self.band_low} is above band_high {self.band_high}")
+        return self
+
+
+class TriggerSection(_Section):
+    # continuous: every frame is a part; triggered: one inspection per trigger carrying a part id.
+    mode: Literal["continuous", "triggered"] = "continuous"
+
+
+class TlsSection(_Section):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class MqttSection(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    topic_root: str = Field("inspection", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    username: str | None = None
+    password: SecretStr | None = None
+    # A file holding the password (e.g. a systemd credential); used when `password` is not set.
+    password_file: Path | None = None
+    keepalive_s: int = Field(10, ge=5, le=120)
+    heartbeat_s: float = Field(10.0, gt=0)
+    tls: TlsSection = TlsSection()
+
+
+class StorageSection(_Section):
+    # Results log, outbox and review images live here.
+    data_dir: Path = Path("var")
+
+
+class StationSettings(BaseSettings):
+    """Everything a station is configured with."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__", validate_default=True
+    )
+
+    station: StationSection = StationSection()
+    model: ModelSection = ModelSection()
+    camera: CameraSection = CameraSection()
+    inference: InferenceSection = InferenceSection()
+    decision: DecisionSection = DecisionSection()
+    trigger: TriggerSection = TriggerSection()
+    mqtt: MqttSection = MqttSection()
+    storage: StorageSection = StorageSection()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file's content arrives as init kwargs (see load_settings); the environment wins
+        # over it, so a secret or a one-off override never has to be written into the file.
+        return (env_settings, init_settings)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def format_validation_errors(exc: ValidationError, source: str) -> list[str]:
+    """One line per problem: `key.path = value: message`, naming the source file."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        value = err.get("input")
+        shown = "<missing>" if err["type"] == "missing" else repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        if "password" in key and err["type"] != "missing":
+            shown = "<hidden>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against README.md)"
+        lines.append(f"{source}: {key} = {shown}: {msg}")
+    return lines
+
+
+def load_settings(path: str | Path | None = None) -> StationSettings:
+    """Read the station config (TOML) and environment overrides; ConfigError lists every problem."""
+    data = _read_toml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "environment"
+    try:
+        return StationSettings(**data)
+    except ValidationError as exc:
+        lines = format_validation_errors(exc, source)
+        raise ConfigError(
+            f"{len(lines)} problem(s) in the station configuration:\n  " + "\n  ".join(lines)
+        ) from exc
+
+
+def mqtt_password(settings: StationSettings) -> str | None:
+    """The broker password from the setting or its file; ConfigError names an unreadable file."""
+    m = settings.mqtt
+    if m.password is not None:
+        return m.password.get_secret_value()
+    if m.password_file is None:
+        return None
+    try:
+        return m.password_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"mqtt.password_file {m.password_file} cannot be read: {exc.strerror or exc}") from exc

@@ -1,0 +1,169 @@
+"""Train -> export -> bundle, end to end on synthetic parts, with the real PyTorch, ONNX and ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from appliance.bundle import ROLE_FILES, BundleMetadata, load_bundle
+from appliance.errors import BundleError, CheckpointError
+from appliance.images import read_image
+from appliance.ort_backend import OnnxRuntimeBackend
+from appliance.preprocess import preprocess
+from export.quantize import check_qdq
+from tests.conftest import tiny_config
+from training.trainer import PartsDataset, load_checkpoint, load_samples, split_samples, train
+
+
+def test_training_run_writes_checkpoints_split_and_report(trained_run: Path):
+    for name in ("last.pt", "best.pt", "final.pt", "run.json", "split.json"):
+        assert (trained_run / name).is_file(), name
+    for name in ("report.json", "report.md", "roc.png", "confusion.png", "confidence_hist.png"):
+        assert (trained_run / "report" / name).stat().st_size > 0, name
+    split = json.loads((trained_run / "split.json").read_text())
+    assert set(split) == {"train", "val", "test"}
+    assert not set(split["test"]) & set(split["train"])
+    report = json.loads((trained_run / "report" / "report.json").read_text())
+    assert sorted(report["heldout_images"]) == sorted(split["test"])
+    for key in ("accuracy", "recall", "false_positive_rate", "f1", "roc_auc", "threshold"):
+        assert key in report
+
+
+def test_training_preprocessing_is_the_runtime_preprocessing(trained_run: Path, parts_folder: Path):
+    final = load_checkpoint(trained_run / "final.pt")
+    cfg = tiny_config(parts_folder, trained_run)
+    samples = load_samples(cfg)
+    ds = PartsDataset(samples, cfg.preprocess_spec(), aug=None, seed=0, soft_labels=False)
+    spec = load_checkpoint(trained_run / "final.pt")["preprocess"]
+    assert spec == cfg.preprocess_spec().model_dump(mode="json") == final["preprocess"]
+    for i in (0, len(samples) - 1):
+        x, _ = ds[i]
+        runtime = preprocess(read_image(parts_folder / samples[i].name), cfg.preprocess_spec())
+        np.testing.assert_array_equal(x.numpy(), runtime)
+
+
+def test_bundle_holds_every_file_with_matching_hashes(bundle_dir: Path):
+    bundle = load_bundle(bundle_dir)
+    assert set(bundle.metadata.files) == set(ROLE_FILES)
+    meta = json.loads((bundle_dir / "metadata.json").read_text())
+    assert BundleMetadata.model_validate(meta) == bundle.metadata  # round trip
+    d = bundle.metadata.decision
+    assert d.band_low <= d.threshold <= d.band_high
+    assert set(bundle.metadata.metrics) == {"fp32", "fp16", "int8"}
+    assert bundle.metadata.export["parity_max_abs_logit_diff"] < 1e-3
+    assert len(bundle.metadata.training["fingerprint_sha256"]) == 64
+
+
+def test_exported_onnx_matches_pytorch_on_real_images(bundle_dir: Path, trained_run: Path):
+    from training.model import build_model
+
+    final = load_checkpoint(trained_run / "final.pt")
+    bundle = load_bundle(bundle_dir)
+    model = build_model("efficientnet_lite0", 1, bundle.metadata.preprocess.input_height)
+    model.load_state_dict(final["model_state"])
+    golden = np.load(bundle.path("golden"))
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(golden["inputs"])).numpy()
+    for precision, tol in (("fp32", 1e-4), ("fp16", 5e-2)):
+        out = OnnxRuntimeBackend(bundle.path(f"onnx_{precision}")).infer(golden["inputs"])
+        assert np.max(np.abs(out - ref)) < tol, precision
+        np.testing.assert_allclose(out, golden[f"logits_{precision}"], atol=1e-5)
+
+
+def test_dynamic_batch_axis(bundle_dir: Path):
+    bundle = load_bundle(bundle_dir)
+    backend = OnnxRuntimeBackend(bundle.path("onnx_fp32"))
+    x = np.zeros((3, *bundle.metadata.preprocess.input_shape), np.float32)
+    assert backend.infer(x).shape == (3, 2)
+    graph = onnx.load(bundle.path("onnx_fp32")).graph
+    assert (graph.input[0].name, graph.output[0].name) == ("image", "logits")
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_int8_model_is_symmetric_qdq_that_tensorrt_accepts(bundle_dir: Path):
+    path = load_bundle(bundle_dir).path("onnx_int8")
+    assert check_qdq(path) == []
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for node in qdq:
+        zp = inits[node.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+    # weights per channel: some zero-point/scale initialisers are vectors
+    assert any(inits[n.input[1]].ndim == 1 and inits[n.input[1]].size > 1 for n in qdq)
+    # the Linear(1280, 2) head stays in float
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    assert gemm.input[1] in inits  # float weight straight from an initializer, no DequantizeLinear
+    metrics = load_bundle(bundle_dir).metadata.metrics["int8"]
+    assert 0.0 <= metrics["decision_agreement_vs_fp32"] <= 1.0
+
+
+def test_check_qdq_flags_an_asymmetric_model(tmp_path: Path, bundle_dir: Path):
+    model = onnx.load(load_bundle(bundle_dir).path("onnx_int8"))
+    node = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    zp = next(i for i in model.graph.initializer if i.name == node.input[2])
+    zp.CopyFrom(numpy_helper.from_array(np.array(3, dtype=np.int8), zp.name))
+    onnx.save(model, tmp_path / "bad.onnx")
+    problems = check_qdq(tmp_path / "bad.onnx")
+    assert any("not 0" in p for p in problems)
+
+
+def test_modified_bundle_file_is_refused_by_name(bundle_dir: Path, tmp_path: Path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    with open(copy / "model_fp32.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match=r"model_fp32\.onnx \(onnx_fp32\) has sha256 .* changed after export"):
+        load_bundle(copy)
+    (copy / "model_fp32.onnx").unlink()
+    with pytest.raises(BundleError, match=r"model_fp32\.onnx \(onnx_fp32\) is missing"):
+        load_bundle(copy)
+    (copy / "metadata.json").write_text("{not json")
+    with pytest.raises(BundleError, match="metadata.json is not valid JSON"):
+        load_bundle(copy)
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nothing")
+
+
+def test_corrupt_checkpoint_is_named(tmp_path: Path, trained_run: Path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes((trained_run / "last.pt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"last\.pt is corrupt"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "none.pt")
+
+
+def test_resume_continues_after_the_last_epoch(parts_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "resume"
+    train(tiny_config(parts_folder, out, epochs=1, max_steps_per_epoch=1), progress=False)
+    first = load_checkpoint(out / "last.pt")["state"]
+    assert first["epoch"] == 1
+    capsys.readouterr()
+    train(tiny_config(parts_folder, out, epochs=2, max_steps_per_epoch=1), resume=True, progress=False)
+    assert "resuming" in capsys.readouterr().out
+    state = load_checkpoint(out / "last.pt")["state"]
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
+
+
+def test_resume_refuses_another_architecture(parts_folder: Path, tmp_path: Path):
+    out = tmp_path / "arch"
+    train(tiny_config(parts_folder, out, epochs=1, max_steps_per_epoch=1), progress=False)
+    with pytest.raises(CheckpointError, match="different input_size"):
+        train(tiny_config(parts_folder, out, input_size=32, epochs=2, max_steps_per_epoch=1), resume=True,
+              progress=False)
+
+
+def test_same_seed_same_split(parts_folder: Path, tmp_path: Path):
+    cfg = tiny_config(parts_folder, tmp_path)
+    a = split_samples(cfg, load_samples(cfg))
+    b = split_samples(cfg, load_samples(cfg))
+    assert {k: [s.name for s in v] for k, v in a.items()} == {k: [s.name for s in v] for k, v in b.items()}

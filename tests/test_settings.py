@@ -1,0 +1,101 @@
+"""The station settings model and `appliance check-config`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.cli import main
+from appliance.errors import ConfigError
+from appliance.settings import load_settings, mqtt_password
+
+GOOD = """
+[station]
+id = "st-07"
+site = "plant-a"
+line = "l3"
+
+[camera]
+source = "/dev/video0"
+
+[mqtt]
+host = "broker.plant"
+port = 8883
+username = "st-07"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "station.toml"
+    p.write_text(text)
+    return p
+
+
+def test_a_good_file_loads_with_defaults_for_the_rest(tmp_path: Path):
+    s = load_settings(_write(tmp_path, GOOD))
+    assert (s.station.id, s.station.site, s.mqtt.port, s.camera.source) == ("st-07", "plant-a", 8883, "/dev/video0")
+    assert s.inference.backend == "auto" and s.decision.mode == "production"
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("APPLIANCE_MQTT__HOST", "10.0.0.5")
+    monkeypatch.setenv("APPLIANCE_MQTT__PASSWORD", "s3cret")
+    s = load_settings(_write(tmp_path, GOOD))
+    assert s.mqtt.host == "10.0.0.5"
+    assert mqtt_password(s) == "s3cret"
+    assert "s3cret" not in repr(s)
+
+
+def test_password_from_a_file(tmp_path: Path):
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    s = load_settings(_write(tmp_path, GOOD + f'password_file = "{secret}"\n'))
+    assert mqtt_password(s) == "from-file"
+
+
+def test_every_problem_is_listed_with_key_value_and_message(tmp_path: Path):
+    bad = _write(tmp_path, GOOD.replace("port = 8883", 'port = "eighty"') + '\n[camera2]\nx = 1\n'
+                 + '[decision]\nmode = "yolo"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(bad)
+    text = str(info.value)
+    assert "3 problem(s)" in text
+    assert f"{bad}: mqtt.port = 'eighty':" in text
+    assert "camera2 = " in text and "unknown key" in text
+    assert "decision.mode = 'yolo':" in text
+
+
+def test_check_config_exits_2_and_prints_each_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    bad = _write(tmp_path, '[station]\nid = "has space"\n[inference]\nthreads = 0\n')
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "station.id = 'has space'" in err
+    assert "inference.threads = 0" in err
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["check-config", str(_write(tmp_path, GOOD))]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_missing_file_and_broken_toml_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["check-config", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml does not exist" in capsys.readouterr().err
+    broken = _write(tmp_path, "[station\nid = 1\n")
+    assert main(["check-config", str(broken)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_band_order_is_checked(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"band_low 0\.6 is above band_high 0\.4"):
+        load_settings(_write(tmp_path, "[decision]\nband_low = 0.6\nband_high = 0.4\n"))
+
+
+def test_help_explains_the_commands(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("check-config", "show-bundle", "classify"):
+        assert command in out

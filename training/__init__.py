@@ -1,0 +1,1 @@
+"""Training: datasets, production-condition augmentation, model, trainer, evaluation report."""

@@ -1,0 +1,407 @@
+"""Training: class-balanced AdamW with warm-up and cosine decay, checkpoints with resume, early stopping.
+
+A run directory holds everything about one training:
+
+    run.json       configuration, data fingerprint, split sizes, timings, best epoch
+    split.json     image names of the train / validation / test splits (anyone can re-score the split)
+    last.pt        the latest epoch (resume point), written atomically every epoch
+    best.pt        the epoch with the best validation ROC-AUC
+    final.pt       best weights + preprocessing + operating point: what export/ reads
+    report/        evaluation on the held-out test split (JSON, Markdown, PNG plots)
+
+The operating threshold and the uncertainty band are chosen on the validation split; the test split is
+only scored, never used for a decision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from appliance.bundle import CLASS_NAMES
+from appliance.errors import CheckpointError, DatasetError
+from appliance.preprocess import PreprocessSpec, preprocess
+from training.augment import AugmentConfig, augment
+from training.datasets import (
+    Sample,
+    class_counts,
+    fingerprint,
+    load_elpv,
+    load_folder,
+    load_synthetic,
+    stratified_split,
+)
+from training.metrics import roc_auc, softmax_defect_score, threshold_for_recall, uncertainty_band
+from training.model import build_model
+from training.report import write_report
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run (saved in run.json and in every checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Literal["folder", "elpv", "synthetic"] = "folder"
+    data_dir: Path | None = None
+    synthetic_ok: int = Field(160, ge=4)
+    synthetic_defect: int = Field(80, ge=4)
+    out_dir: Path = Path("runs/latest")
+    backbone: Literal["efficientnet_b0", "efficientnet_lite0"] = "efficientnet_lite0"
+    pretrained: bool = True
+    weights: Path | None = None
+    color: Literal["gray", "rgb"] = "gray"
+    input_size: int = Field(224, ge=32, le=1024)
+    resize: Literal["stretch", "center_crop", "letterbox"] = "stretch"
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # Train on ELPV's annotated defect probability (0, 1/3, 2/3, 1) instead of the hard label.
+    soft_labels: bool = False
+    # weighted_loss: class weights inversely proportional to frequency; sampler: balanced batches.
+    balance: Literal["weighted_loss", "sampler", "none"] = "weighted_loss"
+    seed: int = 0
+    patience: int = Field(6, ge=1)
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    target_recall: float = Field(0.95, gt=0, le=1)
+    max_manual_fraction: float = Field(0.1, ge=0, le=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    num_workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # None: no augmentation (the preprocessing alone).
+    augment: AugmentConfig | None = AugmentConfig()
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        channels = 1 if self.color == "gray" else 3
+        # [-1, 1] scaling: what the pretrained Lite0 weights expect, and harmless from scratch.
+        return PreprocessSpec(
+            input_height=self.input_size, input_width=self.input_size, color=self.color,
+            resize=self.resize, mean=(0.5,) * channels, std=(0.5,) * channels,
+        )
+
+
+# Fields that change the network or its input: resuming across a change would be meaningless.
+_ARCHITECTURE_KEYS = ("backbone", "color", "input_size", "resize")
+
+
+def load_samples(cfg: TrainConfig) -> list[Sample]:
+    if cfg.dataset == "folder":
+        if cfg.data_dir is None:
+            raise DatasetError("dataset 'folder' needs a data directory", hint="pass --data DIR")
+        return load_folder(cfg.data_dir)
+    if cfg.dataset == "elpv":
+        return load_elpv(cfg.data_dir)
+    return load_synthetic(cfg.synthetic_ok, cfg.synthetic_defect, seed=cfg.seed)
+
+
+def split_samples(cfg: TrainConfig, samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    """Deterministic train / val / test split (test first, so it does not depend on val_fraction)."""
+    rest, test = stratified_split(samples, cfg.test_fraction, seed=cfg.seed)
+    train, val = stratified_split(rest, cfg.val_fraction, seed=cfg.seed + 1)
+    return {"train": train, "val": val, "test": test}
+
+
+class PartsDataset(Dataset):
+    """Samples -> (input tensor, target); augmentation seeded by (seed, epoch, index): reproducible."""
+
+    def __init__(self, samples: Sequence[Sample], spec: PreprocessSpec, aug: AugmentConfig | None,
+                 seed: int, soft_labels: bool) -> None:
+        self.samples = list(samples)
+        self.spec = spec
+        self.aug = aug
+        self.seed = seed
+        self.soft_labels = soft_labels
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.samples[idx]
+        img = s.image
+        if self.aug is not None:
+            img = augment(img, np.random.default_rng([self.seed, self.epoch, idx]), self.aug)
+        x = torch.from_numpy(preprocess(img, self.spec))
+        p = s.fine_label / 3.0 if self.soft_labels and s.fine_label >= 0 else float(s.label)
+        return x, torch.tensor([1.0 - p, p], dtype=torch.float32)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, samples: Sequence[Sample], spec: PreprocessSpec,
+                   device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Logits (N, 2) for samples, through the runtime preprocessing and no augmentation."""
+    model.eval()
+    out = []
+    batch = np.empty((batch_size, *spec.input_shape), dtype=np.float32)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        for i, s in enumerate(chunk):
+            preprocess(s.image, spec, out=batch[i])
+        x = torch.from_numpy(batch[: len(chunk)]).to(device)
+        out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint written by this trainer; CheckpointError names the file when it is unusable."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, pickle garbage, ...
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__}: {exc})",
+            hint="delete it to start over, or resume from best.pt",
+        ) from exc
+    if not isinstance(ckpt, dict) or "model_state" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint of this project")
+    return ckpt
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _class_weights(train: Sequence[Sample]) -> torch.Tensor:
+    n_ok, n_defect = class_counts(train)
+    total = n_ok + n_defect
+    return torch.tensor([total / (2 * n_ok), total / (2 * n_defect)], dtype=torch.float32)
+
+
+def _make_loader(ds: PartsDataset, cfg: TrainConfig, device: torch.device) -> DataLoader:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = None
+    if cfg.balance == "sampler":
+        labels = np.array([s.label for s in ds.samples])
+        freq = np.bincount(labels, minlength=2).astype(np.float64)
+        weights = torch.as_tensor(1.0 / freq[labels], dtype=torch.double)
+        sampler = torch.utils.data.WeightedRandomSampler(weights, len(labels), generator=generator)
+    return DataLoader(
+        ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
+        num_workers=cfg.num_workers, drop_last=len(ds) > cfg.batch_size, pin_memory=device.type == "cuda",
+    )
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train, evaluate on the held-out split, and return the run directory."""
+    from tqdm import tqdm
+
+    started = time.time()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    spec = cfg.preprocess_spec()
+
+    samples = load_samples(cfg)
+    splits = split_samples(cfg, samples)
+    (out / "split.json").write_text(json.dumps({k: [s.name for s in v] for k, v in splits.items()}, indent=1))
+
+    model = build_model(cfg.backbone, spec.channels, cfg.input_size, cfg.pretrained, cfg.weights, cfg.dropout)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_ds = PartsDataset(splits["train"], spec, cfg.augment, cfg.seed, cfg.soft_labels)
+    loader = _make_loader(train_ds, cfg, device)
+    steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    )
+    weight = _class_weights(splits["train"]).to(device) if cfg.balance == "weighted_loss" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+    state = {"epoch": 0, "best_auc": -1.0, "best_loss": math.inf, "best_epoch": 0, "stale": 0, "history": []}
+    last = out / "last.pt"
+    if resume and last.exists():
+        ckpt = load_checkpoint(last)
+        changed = [k for k in _ARCHITECTURE_KEYS if ckpt["config"].get(k) != cfg.model_dump(mode="json")[k]]
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {last} was trained with different {', '.join(changed)}",
+                hint="use a new --out directory, or the same settings as the checkpoint",
+            )
+        model.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        scheduler.load_state_dict(ckpt["scheduler_state"])
+        state = ckpt["state"]
+        print(f"resuming {out} after epoch {state['epoch']} (best val AUC {state['best_auc']:.4f})")
+
+    use_bf16 = device.type == "cuda"
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if state["stale"] >= cfg.patience:
+            print(f"early stop: validation AUC has not improved for {cfg.patience} epochs")
+            break
+        model.train()
+        train_ds.epoch = epoch
+        running, seen = 0.0, 0
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
+                   leave=False, unit="batch")
+        for step, (x, target) in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(x)
+            loss = loss_fn(logits.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += loss.item() * len(x)
+            seen += len(x)
+            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.close()
+
+        val_logits = predict_logits(model, splits["val"], spec, device)
+        val_labels = np.array([s.label for s in splits["val"]])
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
+        val_auc = roc_auc(val_labels, softmax_defect_score(val_logits))
+        improved = val_auc > state["best_auc"] or (val_auc == state["best_auc"] and val_loss < state["best_loss"])
+        state["history"].append(
+            {"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss, "val_auc": val_auc}
+        )
+        state["epoch"] = epoch
+        if improved:
+            state.update(best_auc=val_auc, best_loss=val_loss, best_epoch=epoch, stale=0)
+        else:
+            state["stale"] += 1
+        print(
+            f"epoch {epoch:3d}  train loss {running / max(seen, 1):.4f}  val loss {val_loss:.4f}  "
+            f"val AUC {val_auc:.4f}{'  *' if improved else ''}",
+            flush=True,
+        )
+        ckpt = {
+            "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+            "scheduler_state": scheduler.state_dict(), "state": state, "config": cfg.model_dump(mode="json"),
+        }
+        _atomic_save(ckpt, last)
+        if improved:
+            _atomic_save({"model_state": model.state_dict(), "config": ckpt["config"], "state": state},
+                         out / "best.pt")
+
+    best = load_checkpoint(out / "best.pt")
+    model.load_state_dict(best["model_state"])
+    final = finish(cfg, model, splits, spec, device, samples, state, time.time() - started)
+    return final.parent
+
+
+def evaluate_run(run_dir: Path, data_dir: Path | None = None, default_data: bool = False) -> Path:
+    """Re-score a finished run's final.pt: operating point on validation, report on test, final.pt updated.
+
+    `data_dir` points at a copy of the data elsewhere; `default_data` goes back to the dataset's default
+    source (ELPV: the installed package). Used when a model was trained on another machine.
+    """
+    started = time.time()
+    final = load_checkpoint(run_dir / "final.pt")
+    values = dict(final["config"], out_dir=str(run_dir))
+    if default_data:
+        values["data_dir"] = None
+    elif data_dir is not None:
+        values["data_dir"] = str(data_dir)
+    cfg = TrainConfig.model_validate(values)
+    spec = cfg.preprocess_spec()
+    model = build_model(cfg.backbone, spec.channels, cfg.input_size, pretrained=False, dropout=cfg.dropout)
+    model.load_state_dict(final["model_state"])
+    device = _device(cfg)
+    model.to(device)
+    samples = load_samples(cfg)
+    state = {"epoch": final["training"]["epochs_run"], "best_epoch": final["training"]["best_epoch"],
+             "best_auc": final["training"]["best_val_auc"], "history": []}
+    if (run_dir / "run.json").is_file():
+        state["history"] = json.loads((run_dir / "run.json").read_text()).get("history", [])
+    trained_s = float(final["training"].get("wall_time_s", 0.0))
+    finish(cfg, model, split_samples(cfg, samples), spec, device, samples, state, trained_s,
+           evaluated={"re_evaluated_s": round(time.time() - started, 1), "trained_on": final["training"]})
+    return run_dir
+
+
+def finish(cfg: TrainConfig, model: nn.Module, splits: dict[str, list[Sample]], spec: PreprocessSpec,
+           device: torch.device, samples: Sequence[Sample], state: dict, seconds: float,
+           evaluated: dict | None = None) -> Path:
+    """Choose the operating point on validation data, score the test split, write report and final.pt."""
+    out = cfg.out_dir
+    val_labels = np.array([s.label for s in splits["val"]])
+    val_scores = softmax_defect_score(predict_logits(model, splits["val"], spec, device))
+    threshold = threshold_for_recall(val_labels, val_scores, cfg.target_recall)
+    band = uncertainty_band(val_labels, val_scores, threshold, cfg.max_manual_fraction)
+
+    test = splits["test"]
+    test_labels = np.array([s.label for s in test])
+    test_logits = predict_logits(model, test, spec, device)
+    test_scores = softmax_defect_score(test_logits)
+    four_class = None
+    if all(s.fine_label >= 0 for s in test):
+        # ELPV's four annotated levels, estimated from the defect probability (nearest level).
+        pred_level = np.clip(np.rint(test_scores * 3), 0, 3).astype(int)
+        four_class = (np.array([s.fine_label for s in test]), pred_level)
+    n_ok, n_defect = class_counts(samples)
+    training_info = {
+        "dataset": cfg.dataset, "data_dir": str(cfg.data_dir) if cfg.data_dir else None,
+        "images": len(samples), "no_defect": n_ok, "defect": n_defect,
+        "fingerprint_sha256": fingerprint(samples), "split_sizes": {k: len(v) for k, v in splits.items()},
+        "seed": cfg.seed, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+        "best_val_auc": state["best_auc"], "wall_time_s": round(seconds, 1), "device": str(device),
+        "torch": torch.__version__,
+    }
+    if evaluated:
+        training_info["evaluation"] = evaluated
+    report = write_report(
+        out / "report", test_labels, test_scores, threshold, band, [s.name for s in test],
+        title=f"{cfg.backbone} on {cfg.dataset} - held-out test split",
+        extra={"training": training_info, "config": cfg.model_dump(mode="json"),
+               "argmax_accuracy": float(np.mean((test_scores >= 0.5) == test_labels))},
+        four_class=four_class,
+    )
+    (out / "run.json").write_text(json.dumps(
+        {"config": cfg.model_dump(mode="json"), "training": training_info, "history": state["history"],
+         "threshold": threshold, "band": list(band)}, indent=2))
+    final = out / "final.pt"
+    _atomic_save({
+        "model_state": model.state_dict(), "config": cfg.model_dump(mode="json"),
+        "preprocess": spec.model_dump(mode="json"), "class_names": list(CLASS_NAMES),
+        "decision": {"threshold": float(threshold), "band_low": float(band[0]), "band_high": float(band[1]),
+                     "target_recall": cfg.target_recall},
+        "training": training_info, "metrics": _headline(report),
+    }, final)
+    return final
+
+
+def _headline(report: dict) -> dict[str, float]:
+    keys = ("accuracy", "recall", "false_positive_rate", "f1", "precision", "roc_auc")
+    return {k: float(report[k]) for k in keys if isinstance(report.get(k), (int, float))}

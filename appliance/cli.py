@@ -92,6 +92,20 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from appliance.runtime import run
+    from appliance.settings import load_settings
+
+    settings = load_settings(args.config)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s station={settings.station.id} %(name)s: %(message)s",
+    )
+    return run(settings, max_seconds=args.max_seconds, trigger_stdin=args.trigger_stdin)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appliance", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "Prints each problem as `file: key.path = value: message` and exits 2 if any.")
     p.add_argument("file", type=Path, help="station config, e.g. /etc/appliance/station.toml")
     p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("run", help="inspect parts from the configured camera until stopped",
+                       description="Run the station: camera -> preprocess -> inference -> decision -> results log "
+                       "(and reports). SIGTERM or Ctrl-C stops capture, finishes the parts in flight, records them "
+                       "and exits 0. A file, folder or synthetic source ends the run when it is exhausted.")
+    p.add_argument("--config", type=Path, help="station TOML (default: defaults + APPLIANCE_* environment)")
+    p.add_argument("--max-seconds", type=float, help="stop after this long (tests, soak runs)")
+    p.add_argument("--trigger-stdin", action="store_true",
+                   help="trigger.mode=triggered: read one part id per line from standard input")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("show-bundle", help="verify a model bundle and print what it holds",
                        description="Check every file of a model bundle against its sha256 and print the "

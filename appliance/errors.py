@@ -52,3 +52,16 @@ class FrameError(ApplianceError):
     """A frame cannot be inspected (empty, wrong shape or dtype): that part gets an `error` verdict."""
 
     exit_code = 6
+
+
+class GpuUnavailableError(ApplianceError):
+    """No usable GPU path: TensorRT or pycuda missing, no CUDA device, engine incompatible, or a CUDA
+    error at run time. The station switches to manual_fallback (or the CPU fallback) and retries."""
+
+    exit_code = 7
+
+
+class CameraError(ApplianceError):
+    """The camera source cannot be opened or stopped delivering frames."""
+
+    exit_code = 8

@@ -18,7 +18,7 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, threads: int = 2) -> None:
+    def __init__(self, model_path: str | Path, threads: int = 2, slots: int = 3, model_id: str = "") -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -37,6 +37,17 @@ class OnnxRuntimeBackend:
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
         self.model_path = Path(model_path)
+        self.model_id = model_id or self.model_path.name
+        # (C, H, W) from the graph; the batch axis is dynamic.
+        chw = tuple(d if isinstance(d, int) else -1 for d in inp.shape[1:])
+        self.slots = slots
+        self._buffers = [np.zeros((1, *chw), np.float32) for _ in range(slots)] if -1 not in chw else []
+
+    def input_buffer(self, slot: int) -> np.ndarray:
+        return self._buffers[slot]
+
+    def run(self, slot: int) -> np.ndarray:
+        return self.infer(self._buffers[slot])
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a batch of preprocessed frames."""
@@ -44,3 +55,4 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None
+        self._buffers = []

@@ -64,6 +64,8 @@ class InferenceSection(_Section):
     # instead of sending every part to manual inspection.
     cpu_fallback: bool = False
     threads: int = Field(2, ge=1, le=64)
+    # The GPU is retried after 1 s, doubling up to this, while the station runs on a fallback.
+    gpu_retry_max_s: float = Field(60.0, ge=1.0, le=3600.0)
     precision: Literal["fp16", "int8", "fp32"] = "fp16"
 
 

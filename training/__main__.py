@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic-ok", type=int, default=160)
     p.add_argument("--synthetic-defect", type=int, default=80)
+    p.add_argument("--synthetic-severity", type=float, default=1.0,
+                   help="defect size multiplier for synthetic parts (1 realistic, 2.5 obvious: demos)")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (smoke tests)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr, weight_decay=args.weight_decay, balance=args.balance, soft_labels=args.soft_labels,
             target_recall=args.target_recall, patience=args.patience, seed=args.seed,
             synthetic_ok=args.synthetic_ok, synthetic_defect=args.synthetic_defect,
+            synthetic_severity=args.synthetic_severity,
             max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers, device=args.device,
             augment=augment_cfg,
         )

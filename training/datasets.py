@@ -103,7 +103,9 @@ def load_elpv(root: str | Path | None = None) -> list[Sample]:
     return samples
 
 
-def load_synthetic(n_ok: int, n_defect: int, seed: int = 0, size: int = 256, color: bool = False) -> list[Sample]:
+def load_synthetic(
+    n_ok: int, n_defect: int, seed: int = 0, size: int = 256, color: bool = False, severity: float = 1.0
+) -> list[Sample]:
     """Synthetic machined parts rendered in memory (deterministic by seed)."""
     from training.synthetic import DEFECT_KINDS, render_part
 
@@ -114,7 +116,7 @@ def load_synthetic(n_ok: int, n_defect: int, seed: int = 0, size: int = 256, col
     ]
     for i in range(n_defect):
         kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
-        img = render_part(seed * 1_000_003 + n_ok + i, kind, size, color)
+        img = render_part(seed * 1_000_003 + n_ok + i, kind, size, color, severity)
         samples.append(Sample(name=f"defect/{seed}_{i:05d}_{kind}", image=img, label=1, group=kind))
     return samples
 

@@ -148,4 +148,11 @@ def build_model(
         features = _build_lite0(channels, pretrained, weights_path, input_size)
     else:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    return DefectClassifier(features, dropout=dropout)
+    model = DefectClassifier(features, dropout=dropout)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            # The Lite0 package keeps TensorFlow's 0.99 decay (PyTorch momentum 0.01): after a few hundred
+            # steps the running statistics still describe ImageNet colour images, not our gray parts, and
+            # evaluation-mode predictions are noise. 0.1 adapts them within an epoch of a small dataset.
+            m.momentum = 0.1
+    return model

@@ -41,8 +41,16 @@ class _Scene:
     belt_tint: np.ndarray  # BGR multiplier of the belt
 
 
-def render_part(seed: int, defect: str | None, size: int = 256, color: bool = False) -> np.ndarray:
-    """Render one part (OK when `defect` is None) as gray HxW or BGR HxWx3 uint8; same inputs, same bits."""
+def render_part(
+    seed: int, defect: str | None, size: int = 256, color: bool = False, severity: float = 1.0
+) -> np.ndarray:
+    """Render one part (OK when `defect` is None) as gray HxW or BGR HxWx3 uint8; same inputs, same bits.
+
+    `severity` scales the defect's extent (1.0: realistic and subtle; 2-3: obvious, for a demo model that
+    must learn in a minute on a CPU).
+    """
+    if severity <= 0:
+        raise ValueError(f"severity must be positive, got {severity}")
     if defect is not None and defect not in DEFECT_KINDS:
         raise ValueError(f"unknown defect kind {defect!r}; expected None or one of {DEFECT_KINDS}")
     if size < 32:
@@ -54,7 +62,7 @@ def render_part(seed: int, defect: str | None, size: int = 256, color: bool = Fa
     metal = scene.metal
     if defect is not None:
         defect_rng = np.random.default_rng([seed, 1 + DEFECT_KINDS.index(defect)])
-        metal = metal + _DEFECT_PAINTERS[defect](defect_rng, scene, size / 256.0)
+        metal = metal + _DEFECT_PAINTERS[defect](defect_rng, scene, size / 256.0 * severity)
     cov = scene.coverage
     lum = scene.belt * (1.0 - cov) + metal * cov + noise
     if not color:
@@ -105,24 +113,24 @@ def write_dataset(
 
 
 def render_stream(
-    seed: int, n: int, defect_rate: float = 0.2, size: int = 256, color: bool = True
+    seed: int, n: int, defect_rate: float = 0.2, size: int = 256, color: bool = True, severity: float = 1.0
 ) -> Iterator[tuple[np.ndarray, str | None]]:
     """Yield `n` frames as a line camera would see them, each with its defect kind (None for OK)."""
     # Checked here rather than in the generator, so a bad rate fails at the call, not at the first frame.
     if not 0.0 <= defect_rate <= 1.0:
         raise ValueError(f"defect_rate must be between 0 and 1, got {defect_rate}")
-    return _stream(seed, n, defect_rate, size, color)
+    return _stream(seed, n, defect_rate, size, color, severity)
 
 
 def _stream(
-    seed: int, n: int, defect_rate: float, size: int, color: bool
+    seed: int, n: int, defect_rate: float, size: int, color: bool, severity: float
 ) -> Iterator[tuple[np.ndarray, str | None]]:
     rng = np.random.default_rng(seed)
     for _ in range(n):
         part_seed = int(rng.integers(0, 2**63 - 1))
         is_defect = rng.random() < defect_rate
         kind = DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))] if is_defect else None
-        yield render_part(part_seed, kind, size, color), kind
+        yield render_part(part_seed, kind, size, color, severity), kind
 
 
 def _item_seed(seed: int, label: int, index: int) -> int:
@@ -401,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--defect-rate", type=float, default=0.3, help="share of defective frames (--frames)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--color", action="store_true", help="BGR images (default gray; frames are always BGR)")
+    p.add_argument("--severity", type=float, default=1.0, help="defect size multiplier (frames)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.frames is None:
@@ -408,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.ok} ok + {args.defect} defect images -> {args.out}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    for i, (frame, kind) in enumerate(render_stream(args.seed, args.frames, args.defect_rate, args.size)):
+    frames = render_stream(args.seed, args.frames, args.defect_rate, args.size, severity=args.severity)
+    for i, (frame, kind) in enumerate(frames):
         cv2.imwrite(str(args.out / f"frame_{i:04d}_{kind or 'ok'}.png"), frame)
     print(f"{args.frames} frames -> {args.out}")
     return 0

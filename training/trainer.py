@@ -56,6 +56,7 @@ class TrainConfig(BaseModel):
     data_dir: Path | None = None
     synthetic_ok: int = Field(160, ge=4)
     synthetic_defect: int = Field(80, ge=4)
+    synthetic_severity: float = Field(1.0, gt=0, le=5)
     out_dir: Path = Path("runs/latest")
     backbone: Literal["efficientnet_b0", "efficientnet_lite0"] = "efficientnet_lite0"
     pretrained: bool = True
@@ -106,7 +107,7 @@ def load_samples(cfg: TrainConfig) -> list[Sample]:
         return load_folder(cfg.data_dir)
     if cfg.dataset == "elpv":
         return load_elpv(cfg.data_dir)
-    return load_synthetic(cfg.synthetic_ok, cfg.synthetic_defect, seed=cfg.seed)
+    return load_synthetic(cfg.synthetic_ok, cfg.synthetic_defect, seed=cfg.seed, severity=cfg.synthetic_severity)
 
 
 def split_samples(cfg: TrainConfig, samples: Sequence[Sample]) -> dict[str, list[Sample]]:
@@ -329,7 +330,8 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, default_data: bool
     """
     started = time.time()
     final = load_checkpoint(run_dir / "final.pt")
-    values = dict(final["config"], out_dir=str(run_dir))
+    # Score on whatever this machine has (the run may come from a GPU machine).
+    values = dict(final["config"], out_dir=str(run_dir), device="auto")
     if default_data:
         values["data_dir"] = None
     elif data_dir is not None:

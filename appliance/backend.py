@@ -1,0 +1,35 @@
+"""The one small interface every inference backend implements, and the factory that picks one.
+
+A backend owns `slots` input buffers (host memory; pinned for TensorRT). The preprocess stage writes a
+frame into a free slot's buffer in place, the inference stage runs that slot: with two slots, frame N+1
+is preprocessed while frame N is on the GPU (double buffering), and no frame is ever copied into a new
+array on the way.
+
+Threading contract: a backend is created, used and closed on ONE thread (the inference thread), which
+owns any CUDA context. `input_buffer(slot)` arrays may be *written* from another thread, never resized.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class InferenceBackend(Protocol):
+    name: str  # "tensorrt" or "onnxruntime"
+    model_id: str  # bundle model id or engine id, recorded with every inspection
+    slots: int
+
+    def input_buffer(self, slot: int) -> np.ndarray:
+        """The (1, C, H, W) float32 host buffer of `slot`, to be filled in place."""
+        ...
+
+    def run(self, slot: int) -> np.ndarray:
+        """Logits (1, 2) for the frame in `slot` (a fresh array the caller may keep)."""
+        ...
+
+    def close(self) -> None:
+        """Free every buffer, stream and context now (not at garbage collection)."""
+        ...

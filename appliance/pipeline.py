@@ -1,0 +1,402 @@
+"""The inspection pipeline: capture -> preprocess -> infer -> decide -> report, one thread per stage.
+
+Stages are joined by bounded queues, so a slow stage pushes back instead of piling frames up in memory.
+Back-pressure is explicit:
+
+- a file, folder or synthetic source is never dropped from: capture waits for room;
+- a live camera is: when the preprocess queue is full the frame is dropped and counted (its newer
+  successor is worth more than a stale frame), and the camera itself keeps only its newest frame.
+
+Preprocessing writes straight into a backend input slot (pinned memory for TensorRT) taken from a small
+pool; with two slots, frame N+1 is preprocessed while frame N is inferred. The inference thread creates,
+uses and closes the backend (it owns the CUDA context). `stop()` ends capture, lets every queued part
+finish and be recorded, then joins the threads: nothing the pipeline promised to inspect is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from appliance.backend import InferenceBackend
+from appliance.camera import Frame
+from appliance.decision import Mode, OperatingPoint, decide_part, defect_score
+from appliance.errors import ApplianceError, FrameError
+from appliance.preprocess import PreprocessSpec, preprocess
+from appliance.results_log import InspectionRecord
+from appliance.stats import RollingStats
+from appliance.supervisor import BackendSupervisor
+
+log = logging.getLogger("appliance.pipeline")
+
+_STOP = object()  # end-of-stream marker passed down the stages
+
+
+class FrameReader(Protocol):
+    live: bool
+
+    @property
+    def exhausted(self) -> bool: ...
+
+    def read(self, timeout: float | None = None) -> Frame | None: ...
+
+
+class Reporter(Protocol):
+    """Where finished inspections and events go (results log, MQTT, console)."""
+
+    def inspection(self, record: InspectionRecord) -> None: ...
+
+    def event(self, kind: str, detail: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Inspection:
+    """One part moving through the stages; timestamps (monotonic seconds) are filled in as it goes."""
+
+    inspection_id: str
+    part_id: str
+    frame: Frame
+    t: dict[str, float] = field(default_factory=dict)
+    slot: tuple[int, int] | None = None  # (backend generation, slot index) holding the preprocessed input
+    error: str | None = None
+    score: float | None = None
+    backend: str = "none"
+    model_id: str = ""
+    why_no_model: str = ""
+
+
+class SlotPool:
+    """Free input slots of the current backend. A backend change starts a new generation of slots."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._free: queue.Queue[int] = queue.Queue()
+        self._buffers: list[np.ndarray] = []
+
+    def reset(self, generation: int, buffers: list[np.ndarray]) -> None:
+        with self._lock:
+            self._generation = generation
+            self._buffers = buffers
+            self._free = queue.Queue()
+            for i in range(len(buffers)):
+                self._free.put(i)
+
+    def acquire(self, timeout: float) -> tuple[int, int, np.ndarray] | None:
+        """(generation, slot, buffer) of a free slot, or None when none is free within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                gen, free, buffers = self._generation, self._free, self._buffers
+            if not buffers:
+                return None
+            try:
+                slot = free.get(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            with self._lock:
+                if gen == self._generation:
+                    return gen, slot, buffers[slot]
+            # the backend changed while we waited: that slot belongs to a closed backend; try again
+
+    def release(self, generation: int, slot: int) -> None:
+        with self._lock:
+            if generation == self._generation:
+                self._free.put(slot)
+
+    @property
+    def has_slots(self) -> bool:
+        with self._lock:
+            return bool(self._buffers)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    station_id: str
+    spec: PreprocessSpec
+    operating_point: OperatingPoint
+    mode: Mode = Mode.PRODUCTION
+    triggered: bool = False
+    defect_index: int = 1
+    queue_size: int = 4
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        source: FrameReader,
+        supervisor_factory: Callable[[Callable[[str, dict[str, Any]], None]], BackendSupervisor],
+        reporter: Reporter,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.reporter = reporter
+        self._supervisor_factory = supervisor_factory
+        self._mode = config.mode
+        self._q_pre: queue.Queue[Any] = queue.Queue(config.queue_size)
+        self._q_infer: queue.Queue[Any] = queue.Queue(config.queue_size)
+        self._q_decide: queue.Queue[Any] = queue.Queue(config.queue_size)
+        self._triggers: queue.Queue[str] = queue.Queue()
+        self._slots = SlotPool()
+        self._stop = threading.Event()
+        self._backend_ready = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.stats = RollingStats()
+        self.dropped = 0
+        self.started_at = time.time()
+        self.backend_name = "none"
+        self.model_id = ""
+        self.last_error = ""
+        self.crashed = False
+
+    # --- control -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        stages = [("infer", self._infer_loop, self._q_decide), ("capture", self._capture_loop, self._q_pre),
+                  ("preprocess", self._preprocess_loop, self._q_infer), ("decide", self._decide_loop, None)]
+        for name, target, downstream in stages:
+            t = threading.Thread(target=self._guard(name, target, downstream), name=f"stage-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+            if name == "infer":
+                # Preprocessing needs the backend's input slots, which the inference thread creates.
+                self._backend_ready.wait(timeout=120)
+
+    def stop(self) -> None:
+        """Stop capturing; every part already captured is still inspected and recorded."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the stages to finish; True when all did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def run_until_done(self) -> None:
+        self.start()
+        self.join()
+
+    def trigger(self, part_id: str) -> None:
+        """Triggered mode: inspect the next frame as part `part_id` (from a PLC, MQTT or an operator)."""
+        self._triggers.put(part_id)
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    def set_mode(self, mode: Mode) -> None:
+        with self._lock:
+            old, self._mode = self._mode, mode
+        if old is not mode:
+            self._event("mode_changed", {"from": old.value, "to": mode.value})
+
+    @property
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    # --- stages --------------------------------------------------------------------------------------
+    def _capture_loop(self) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            part_id = None
+            if self.config.triggered:
+                try:
+                    part_id = self._triggers.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            frame = self.source.read(timeout=0.5)
+            if frame is None:
+                if self.source.exhausted:
+                    break
+                if part_id is not None:  # a trigger must not vanish with a missing frame
+                    self._triggers.put(part_id)
+                continue
+            seq += 1
+            insp = Inspection(inspection_id=uuid.uuid4().hex, part_id=part_id or f"{self.config.station_id}-{seq:08d}",
+                              frame=frame, t={"captured": frame.monotonic, "queued": time.monotonic()})
+            if self.source.live:
+                try:
+                    self._q_pre.put_nowait(insp)
+                except queue.Full:
+                    self.dropped += 1  # live camera: a newer frame is worth more than this one
+            else:
+                self._q_pre.put(insp)
+        self._q_pre.put(_STOP)
+
+    def _preprocess_loop(self) -> None:
+        while (insp := self._q_pre.get()) is not _STOP:
+            insp.t["pre_start"] = time.monotonic()
+            if insp.frame.error is None:
+                self._fill_slot(insp)
+            else:
+                insp.error = insp.frame.error
+            insp.t["pre_end"] = time.monotonic()
+            self._q_infer.put(insp)
+        self._q_infer.put(_STOP)
+
+    def _fill_slot(self, insp: Inspection) -> None:
+        while True:
+            got = self._slots.acquire(timeout=0.2)
+            if got is None:
+                if not self._slots.has_slots:
+                    return  # no backend (manual fallback): the part goes on without a model input
+                continue
+            gen, slot, buf = got
+            try:
+                preprocess(insp.frame.image, self.config.spec, out=buf[0])
+            except ApplianceError as exc:
+                self._slots.release(gen, slot)
+                insp.error = exc.message
+                return
+            insp.slot = (gen, slot)
+            return
+
+    def _infer_loop(self) -> None:
+        sup = self._supervisor_factory(self._event)
+        try:
+            sup.start()
+            self._publish_backend(sup)
+            self._backend_ready.set()
+            while (insp := self._q_infer.get()) is not _STOP:
+                if sup.maybe_retry():
+                    self._publish_backend(sup)
+                insp.t["infer_start"] = time.monotonic()
+                self._infer_one(sup, insp)
+                insp.t["infer_end"] = time.monotonic()
+                self._q_decide.put(insp)
+        finally:
+            self._backend_ready.set()
+            sup.close()
+            self._q_decide.put(_STOP)
+
+    def _infer_one(self, sup: BackendSupervisor, insp: Inspection) -> None:
+        try:
+            if insp.error is not None:
+                return
+            backend = sup.backend
+            if backend is None:
+                insp.why_no_model = sup.why_no_model
+                return
+            try:
+                if insp.slot is not None and insp.slot[0] == sup.generation:
+                    logits = backend.run(insp.slot[1])
+                else:
+                    # Preprocessed for a backend that is gone, or not at all (fallback): redo it here.
+                    logits = self._run_spare(backend, insp)
+                insp.score = defect_score(logits, self.config.defect_index)
+                insp.backend, insp.model_id = backend.name, backend.model_id
+                return
+            except ApplianceError as exc:
+                if isinstance(exc, FrameError):
+                    insp.error = exc.message
+                    return
+                failure: Exception = exc
+            except Exception as exc:
+                failure = exc
+            log.error("inference failed on %s for part %s: %s", backend.name, insp.part_id, failure)
+            self.last_error = f"{type(failure).__name__}: {failure}"
+            sup.failed(failure)
+            self._publish_backend(sup)
+            # This part still gets a verdict within the same step: from the fallback, or from a human.
+            if sup.backend is None:
+                insp.why_no_model = sup.why_no_model
+                return
+            try:
+                insp.score = defect_score(self._run_spare(sup.backend, insp), self.config.defect_index)
+                insp.backend, insp.model_id = sup.backend.name, sup.backend.model_id
+            except Exception as exc2:
+                insp.why_no_model = f"CPU fallback failed too: {exc2}"
+        finally:
+            if insp.slot is not None:
+                self._slots.release(*insp.slot)
+                insp.slot = None
+
+    def _run_spare(self, backend: InferenceBackend, insp: Inspection) -> np.ndarray:
+        """Preprocess into the backend's spare slot (reserved for this thread) and run it."""
+        spare = backend.slots - 1
+        preprocess(insp.frame.image, self.config.spec, out=backend.input_buffer(spare)[0])
+        return backend.run(spare)
+
+    def _publish_backend(self, sup: BackendSupervisor) -> None:
+        backend = sup.backend
+        if backend is None:
+            self._slots.reset(sup.generation, [])
+            self.backend_name, self.model_id = "none", ""
+        else:
+            # The last slot stays with the inference thread (re-preprocessing after a backend change).
+            self._slots.reset(sup.generation, [backend.input_buffer(i) for i in range(backend.slots - 1)])
+            self.backend_name, self.model_id = backend.name, backend.model_id
+        with self._lock:
+            if backend is None and self._mode is not Mode.MANUAL_FALLBACK:
+                self._mode_before_fallback, self._mode = self._mode, Mode.MANUAL_FALLBACK
+            elif backend is not None and self._mode is Mode.MANUAL_FALLBACK and hasattr(self, "_mode_before_fallback"):
+                self._mode = self._mode_before_fallback
+                del self._mode_before_fallback
+
+    def _decide_loop(self) -> None:
+        while (insp := self._q_decide.get()) is not _STOP:
+            now = time.monotonic()
+            mode = self._mode
+            if insp.error is not None:
+                verdict, ai_verdict, reason = "error", None, f"frame error: {insp.error}"
+            else:
+                d = decide_part(insp.score, self.config.operating_point, mode, insp.why_no_model)
+                verdict, ai_verdict, reason = d.verdict.value, d.ai_verdict.value if d.ai_verdict else None, d.reason
+            t = insp.t
+            latency = {
+                "queue_ms": (t.get("pre_start", now) - t["queued"]) * 1000,
+                "preprocess_ms": (t.get("pre_end", now) - t.get("pre_start", now)) * 1000,
+                "infer_wait_ms": (t.get("infer_start", now) - t.get("pre_end", now)) * 1000,
+                "infer_ms": (t.get("infer_end", now) - t.get("infer_start", now)) * 1000,
+                "decide_wait_ms": (now - t.get("infer_end", now)) * 1000,
+                "end_to_end_ms": (now - t["captured"]) * 1000,
+            }
+            record = InspectionRecord(
+                inspection_id=insp.inspection_id, part_id=insp.part_id, station_id=self.config.station_id,
+                source_name=insp.frame.source_name, frame_index=insp.frame.index, captured_at=insp.frame.captured_at,
+                decided_at=time.time(), verdict=verdict, ai_verdict=ai_verdict, score=insp.score,
+                mode=mode.value, backend=insp.backend, model_id=insp.model_id, reason=reason,
+                latency_ms={k: round(v, 3) for k, v in latency.items()},
+            )
+            self.stats.add(record)
+            try:
+                self.reporter.inspection(record)
+            except Exception:  # the reporter must never stop inspection; it logs its own failures
+                log.exception("reporter failed for part %s", insp.part_id)
+
+    # --- helpers ---------------------------------------------------------------------------------------
+    def _event(self, kind: str, detail: dict[str, Any]) -> None:
+        log.warning("event %s: %s", kind, detail)
+        try:
+            self.reporter.event(kind, detail)
+        except Exception:
+            log.exception("reporter failed for event %s", kind)
+
+    def _guard(self, name: str, target: Callable[[], None], downstream: queue.Queue[Any] | None) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except Exception:
+                # A stage that dies would silently stall the line: log loudly, stop capturing, and let the
+                # stages after it finish what they hold so it is still recorded.
+                log.exception("stage %s crashed; stopping the pipeline", name)
+                self.last_error = f"stage {name} crashed"
+                self.crashed = True
+                self._stop.set()
+                self._backend_ready.set()
+                if downstream is not None:
+                    downstream.put(_STOP)
+
+        return run

@@ -1,0 +1,131 @@
+"""The local results log: every inspection and every mode change, in SQLite on the station's disk.
+
+Written whatever happens to the network: it is the station's own record (and what an auditor reads
+after an incident). WAL mode lets a reader (an inspector's tool, `sqlite3`) look while the station
+writes; `synchronous=FULL` by default so a power cut cannot lose a committed result.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS inspections (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    inspection_id  TEXT NOT NULL UNIQUE,
+    part_id        TEXT NOT NULL,
+    station_id     TEXT NOT NULL,
+    source_name    TEXT NOT NULL,
+    frame_index    INTEGER NOT NULL,
+    captured_at    REAL NOT NULL,
+    decided_at     REAL NOT NULL,
+    verdict        TEXT NOT NULL,
+    ai_verdict     TEXT,
+    score          REAL,
+    mode           TEXT NOT NULL,
+    backend        TEXT NOT NULL,
+    model_id       TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    latency_ms     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inspections_part ON inspections (part_id);
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         REAL NOT NULL,
+    kind       TEXT NOT NULL,
+    detail     TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class InspectionRecord:
+    """One finished inspection, as logged and reported."""
+
+    inspection_id: str
+    part_id: str
+    station_id: str
+    source_name: str
+    frame_index: int
+    captured_at: float
+    decided_at: float
+    verdict: str
+    ai_verdict: str | None
+    score: float | None
+    mode: str
+    backend: str
+    model_id: str
+    reason: str
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ResultsLog:
+    """Append-only SQLite log. One connection, guarded by a lock: any thread may write."""
+
+    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(_SCHEMA)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.Error as exc:
+            raise ConfigError(f"results log {path} cannot be opened: {exc}",
+                              hint="check storage.data_dir exists, is writable and has free space") from exc
+        self.path = path
+        self._lock = threading.Lock()
+
+    def add(self, r: InspectionRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO inspections (inspection_id, part_id, station_id, source_name, frame_index, captured_at,"
+                " decided_at, verdict, ai_verdict, score, mode, backend, model_id, reason, latency_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (r.inspection_id, r.part_id, r.station_id, r.source_name, r.frame_index, r.captured_at, r.decided_at,
+                 r.verdict, r.ai_verdict, r.score, r.mode, r.backend, r.model_id, r.reason,
+                 json.dumps(r.latency_ms)),
+            )
+
+    def event(self, kind: str, detail: dict[str, Any], at: float | None = None) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)",
+                             (at if at is not None else time.time(), kind, json.dumps(detail, default=str)))
+
+    def inspections(self) -> Iterator[InspectionRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT inspection_id, part_id, station_id, source_name, frame_index, captured_at, decided_at,"
+                " verdict, ai_verdict, score, mode, backend, model_id, reason, latency_ms FROM inspections ORDER BY seq"
+            ).fetchall()
+        for row in rows:
+            yield InspectionRecord(*row[:-1], latency_ms=json.loads(row[-1]))
+
+    def events(self) -> list[tuple[float, str, dict[str, Any]]]:
+        with self._lock:
+            rows = self._db.execute("SELECT at, kind, detail FROM events ORDER BY seq").fetchall()
+        return [(at, kind, json.loads(detail)) for at, kind, detail in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT verdict, COUNT(*) FROM inspections GROUP BY verdict").fetchall()
+        return dict(rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,232 @@
+"""The station runtime end to end: real OpenCV sources, real ONNX Runtime on an exported bundle, SQLite.
+
+Faults the real components cannot produce on demand (a GPU that dies on the Nth part) are injected with a
+thin wrapper around the real backend; everything else is the real thing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+
+from appliance.camera import open_source
+from appliance.decision import Mode
+from appliance.errors import GpuUnavailableError
+from appliance.ort_backend import OnnxRuntimeBackend
+from appliance.pipeline import Pipeline, PipelineConfig
+from appliance.results_log import ResultsLog
+from appliance.runtime import LogReporter, build_pipeline, operating_point
+from appliance.settings import CameraSection, StationSettings
+from appliance.supervisor import BackendSupervisor
+from training.synthetic import render_part
+
+
+def _frames(folder: Path, n: int, bad: int | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        path = folder / f"part_{i:03d}.png"
+        if i == bad:
+            path.write_bytes(b"\x89PNG not really IEND")
+        else:
+            cv2.imwrite(str(path), render_part(500 + i, "pit" if i % 3 == 0 else None, 96, True))
+    return folder
+
+
+def _settings(tmp_path: Path, bundle_dir: Path, source: str, **sections) -> StationSettings:
+    values = {
+        "station": {"id": "st-test"}, "model": {"bundle": str(bundle_dir)},
+        "camera": {"source": source}, "inference": {"backend": "onnxruntime", "threads": 1},
+        "storage": {"data_dir": str(tmp_path / "var")}, "mqtt": {"enabled": False},
+    }
+    for key, value in sections.items():
+        values.setdefault(key, {}).update(value)
+    return StationSettings(**values)
+
+
+def _run(pipeline: Pipeline, timeout: float = 60) -> None:
+    pipeline.start()
+    assert pipeline.join(timeout), "pipeline did not finish"
+
+
+def test_every_frame_of_a_folder_is_inspected_and_recorded(tmp_path: Path, bundle_dir: Path):
+    folder = _frames(tmp_path / "frames", 7, bad=4)
+    pipeline, results = build_pipeline(_settings(tmp_path, bundle_dir, str(folder)))
+    _run(pipeline)
+    records = list(results.inspections())
+    assert [r.source_name for r in records] == [f"part_{i:03d}.png" for i in range(7)]
+    assert records[4].verdict == "error" and "cannot be decoded" in records[4].reason
+    for r in records[:4] + records[5:]:
+        assert r.verdict in ("pass", "fail", "manual_required")
+        assert r.backend == "onnxruntime" and 0.0 <= r.score <= 1.0 and r.model_id
+        assert set(r.latency_ms) >= {"preprocess_ms", "infer_ms", "end_to_end_ms"}
+        assert r.latency_ms["end_to_end_ms"] >= r.latency_ms["infer_ms"] >= 0
+    assert pipeline.dropped == 0
+    assert len({r.part_id for r in records}) == 7
+
+
+def test_scores_equal_the_bundle_run_directly(tmp_path: Path, bundle_dir: Path):
+    from appliance.bundle import load_bundle
+    from appliance.decision import defect_score
+    from appliance.images import read_image
+    from appliance.preprocess import preprocess
+
+    folder = _frames(tmp_path / "frames", 3)
+    pipeline, results = build_pipeline(_settings(tmp_path, bundle_dir, str(folder)))
+    _run(pipeline)
+    bundle = load_bundle(bundle_dir)
+    backend = OnnxRuntimeBackend(bundle.path("onnx_fp32"))
+    for r in results.inspections():
+        x = preprocess(read_image(folder / r.source_name), bundle.metadata.preprocess)[None]
+        assert r.score == pytest.approx(defect_score(backend.infer(x)), abs=1e-6)
+
+
+def test_shadow_mode_records_the_ai_and_sends_every_part_to_a_human(tmp_path: Path, bundle_dir: Path):
+    folder = _frames(tmp_path / "frames", 3)
+    pipeline, results = build_pipeline(_settings(tmp_path, bundle_dir, str(folder), decision={"mode": "shadow"}))
+    _run(pipeline)
+    for r in results.inspections():
+        assert r.verdict == "manual_required" and r.ai_verdict in ("pass", "fail", "manual_required")
+        assert r.mode == "shadow"
+
+
+class DiesOnCall:
+    """Wraps the real backend; raises the way a lost GPU does from call `fail_at` on (fault injection)."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, fail_at: int, name: str = "tensorrt") -> None:
+        self._inner, self._fail_at, self._calls = backend, fail_at, 0
+        self.name, self.model_id, self.slots = name, backend.model_id, backend.slots
+
+    def input_buffer(self, slot: int):
+        return self._inner.input_buffer(slot)
+
+    def run(self, slot: int):
+        self._calls += 1
+        if self._calls >= self._fail_at:
+            raise GpuUnavailableError("CUDA error: an illegal memory access was encountered (injected)")
+        return self._inner.run(slot)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _pipeline_with(tmp_path: Path, bundle_dir: Path, n: int, primary_factory, fallback, results: ResultsLog,
+                   retry_s: float = 0.0) -> Pipeline:
+    settings = _settings(tmp_path, bundle_dir, str(_frames(tmp_path / "frames", n)))
+    from appliance.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    config = PipelineConfig(station_id="st-test", spec=bundle.metadata.preprocess,
+                            operating_point=operating_point(settings, bundle), mode=Mode.PRODUCTION)
+
+    def sup(on_event):
+        return BackendSupervisor(primary_factory, "tensorrt", fallback, on_event, retry_initial_s=retry_s,
+                                 retry_max_s=max(retry_s, 0.001))
+
+    return Pipeline(config, open_source(CameraSection(source=str(tmp_path / "frames"))), sup,
+                    LogReporter(results, echo=False))
+
+
+def test_gpu_lost_mid_run_goes_to_manual_within_one_part_and_comes_back(tmp_path: Path, bundle_dir: Path):
+    from appliance.bundle import load_bundle
+
+    onnx = load_bundle(bundle_dir).path("onnx_fp32")
+    calls = {"n": 0}
+
+    def primary():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return DiesOnCall(OnnxRuntimeBackend(onnx, slots=3, model_id="m"), fail_at=3)
+        if calls["n"] <= 3:  # the GPU stays away for two retries
+            raise GpuUnavailableError("cuInit failed: no CUDA-capable device is detected (injected)")
+        return DiesOnCall(OnnxRuntimeBackend(onnx, slots=3, model_id="m"), fail_at=10**9)
+
+    results = ResultsLog(tmp_path / "r.sqlite3")
+    _run(_pipeline_with(tmp_path, bundle_dir, 12, primary, None, results))
+    records = list(results.inspections())
+    assert len(records) == 12
+    # parts 1-2 by the "GPU", part 3 fails on it and still gets a verdict: manual, with the reason
+    assert [r.backend for r in records[:2]] == ["tensorrt", "tensorrt"]
+    assert records[2].verdict == "manual_required" and records[2].mode == "manual_fallback"
+    assert "illegal memory access" in records[2].reason
+    # ... and the station returns to production by itself once the GPU works again
+    assert records[-1].mode == "production" and records[-1].backend == "tensorrt"
+    kinds = [k for _, k, _ in results.events()]
+    assert kinds[:2] == ["gpu_lost", "manual_fallback"] and "gpu_back" in kinds
+
+
+def test_cpu_fallback_when_tensorrt_is_missing(tmp_path: Path, bundle_dir: Path):
+    # Real condition on this machine: no TensorRT, no CUDA. With cpu_fallback the bundle's FP32 ONNX runs.
+    folder = _frames(tmp_path / "frames", 4)
+    settings = _settings(tmp_path, bundle_dir, str(folder), inference={"backend": "tensorrt", "cpu_fallback": True})
+    pipeline, results = build_pipeline(settings)
+    _run(pipeline)
+    records = list(results.inspections())
+    assert len(records) == 4 and {r.backend for r in records} == {"onnxruntime"}
+    assert {r.mode for r in records} == {"production"}
+    kinds = [k for _, k, _ in results.events()]
+    assert kinds[:2] == ["gpu_lost", "cpu_fallback"]
+
+
+def test_no_gpu_and_no_fallback_means_manual_inspection_with_the_reason(tmp_path: Path, bundle_dir: Path):
+    folder = _frames(tmp_path / "frames", 3)
+    pipeline, results = build_pipeline(_settings(tmp_path, bundle_dir, str(folder), inference={"backend": "auto"}))
+    _run(pipeline)
+    for r in results.inspections():
+        assert r.verdict == "manual_required" and r.mode == "manual_fallback" and r.score is None
+        assert r.reason.startswith("GPU unavailable")
+
+
+def test_triggered_mode_inspects_one_frame_per_trigger_with_its_part_id(tmp_path: Path, bundle_dir: Path):
+    settings = _settings(tmp_path, bundle_dir, "synthetic", trigger={"mode": "triggered"},
+                         camera={"loop": True})
+    pipeline, results = build_pipeline(settings)
+    pipeline.start()
+    for pid in ("SN-1001", "SN-1002", "SN-1003"):
+        pipeline.trigger(pid)
+    deadline = time.monotonic() + 30
+    while pipeline.stats.total < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pipeline.stop()
+    assert pipeline.join(30)
+    assert [r.part_id for r in results.inspections()] == ["SN-1001", "SN-1002", "SN-1003"]
+
+
+def test_sigterm_drains_the_queues_and_exits_0(tmp_path: Path, bundle_dir: Path):
+    config = tmp_path / "station.toml"
+    config.write_text(
+        f'[station]\nid = "st-sig"\n[model]\nbundle = "{bundle_dir}"\n[camera]\nsource = "synthetic"\nloop = true\n'
+        f'[inference]\nbackend = "onnxruntime"\nthreads = 1\n[mqtt]\nenabled = false\n'
+        f'[storage]\ndata_dir = "{tmp_path / "var"}"\n'
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    db = tmp_path / "var" / "results.sqlite3"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if db.exists() and sum(ResultsLog(db).counts().values()) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "SIGTERM" in out and "stopped:" in out
+    ids = [r.part_id for r in ResultsLog(db).inspections()]
+    seqs = [int(p.rsplit("-", 1)[1]) for p in ids]
+    # every part captured got a record: sequence numbers 1..N without a gap
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 5
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_run_help_explains_the_stop_behaviour(capsys: pytest.CaptureFixture[str]):
+    from appliance.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "SIGTERM" in capsys.readouterr().out

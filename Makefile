@@ -39,12 +39,13 @@ $(VENV)/.stamp-bench: $(VENV)/.stamp-base
 
 # --- the two commands ---------------------------------------------------------------------------
 demo: $(VENV)/.stamp-base
-	$(PY) -m training --dataset synthetic --synthetic-ok 120 --synthetic-defect 60 --input-size 128 \
-		--epochs 4 --patience 4 --out runs/demo --quiet
+	$(PY) -m training --dataset synthetic --synthetic-ok 200 --synthetic-defect 120 --synthetic-severity 2.5 \
+		--input-size 160 --epochs 8 --patience 8 --out runs/demo --quiet
 	$(PY) -m export --run runs/demo --out artifacts/demo-bundle --calibration-images 64 --golden-images 16
-	$(PY) -m training.synthetic --out artifacts/demo-frames --frames 12 --seed 4242
+	rm -rf artifacts/demo-frames artifacts/demo-var
+	$(PY) -m training.synthetic --out artifacts/demo-frames --frames 24 --severity 2.5 --seed 4242
 	$(VENV)/bin/appliance show-bundle artifacts/demo-bundle
-	$(VENV)/bin/appliance classify artifacts/demo-frames --bundle artifacts/demo-bundle
+	$(VENV)/bin/appliance run --config provisioning/demo-station.toml
 
 test: $(VENV)/.stamp-base
 	$(PY) -m pytest -q
@@ -67,4 +68,4 @@ augment-preview: $(VENV)/.stamp-base
 	$(PY) -m training.augment --out artifacts/augment_preview.png
 
 clean:
-	rm -rf runs/demo artifacts/demo-bundle artifacts/demo-frames
+	rm -rf runs/demo artifacts/demo-bundle artifacts/demo-frames artifacts/demo-var

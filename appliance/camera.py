@@ -296,7 +296,11 @@ class VideoFileSource(OnDemandSource):
             return None
         # Reopening rewinds reliably for every container; seeking to frame 0 does not for some codecs.
         self._cap.release()
-        self._cap = self._open()
+        try:
+            self._cap = self._open()
+        except CameraError as exc:  # the file went away while looping: the end of this source, not a crash
+            self._last_error = exc.message
+            return None
         self._frames_this_pass = 0
         return self._next()
 
@@ -327,6 +331,8 @@ class ImageFilesSource(OnDemandSource):
         except ImageReadError as exc:
             # A bad file is one bad part, not a stopped line.
             return None, path.name, exc.message
+        except cv2.error as exc:  # a decoder that gives up loudly (e.g. absurd dimensions in the header)
+            return None, path.name, f"image {path} cannot be decoded: {exc.err or exc}"
 
 
 class SyntheticSource(OnDemandSource):
@@ -584,8 +590,8 @@ def _check_pipeline(pipeline: str) -> None:
         raise CameraError(
             "camera.source is a GStreamer pipeline, but this OpenCV was built without GStreamer "
             f"(cv2 {cv2.__version__} from {Path(cv2.__file__).parent})",
-            hint="on the Jetson use JetPack's OpenCV (apt python3-opencv / nvidia-opencv, built with GStreamer) "
-            "and uninstall pip's opencv-python and opencv-python-headless, which shadow it; "
+            hint="on the Jetson use JetPack's OpenCV (system site-packages, built with GStreamer): create the venv "
+            "with --system-site-packages and pip uninstall opencv-python opencv-python-headless, which shadow it; "
             "check with: python3 -c \"import cv2; print(cv2.getBuildInformation())\" | grep GStreamer",
         )
 

@@ -29,6 +29,10 @@ declare -A runs=(
   [lite0_300_hard_mild]="--backbone efficientnet_lite0 --input-size 300 --balance sampler --augment mild --epochs $EPOCHS"
   [b0_300_scratch_mild]="--backbone efficientnet_b0 --no-pretrained --input-size 300 --soft-labels --augment mild --epochs $((EPOCHS + 20))"
 )
+# CONFIGS="a b" runs a subset (default: all).
+if [ -n "${CONFIGS:-}" ]; then
+  for name in "${!runs[@]}"; do [[ " $CONFIGS " == *" $name "* ]] || unset "runs[$name]"; done
+fi
 mkdir -p runs "$OUT"
 start=$(date +%s)
 for name in "${!runs[@]}"; do

@@ -1,0 +1,136 @@
+"""`make bench` on tiny inputs: the report has every field, its numbers are sane, its verdicts follow its ratios.
+
+No timing is asserted (a busy machine is slow, not wrong): the real figures come from `make bench`. The
+bench runs as the command does, in a child process, on the session's tiny 64x64 bundle and 8 frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+
+from tools.bench.__main__ import main
+from tools.bench.report import check_targets
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMES = 8
+CASES = ("backend", "pipeline", "naive")
+STAGES = ("queue_ms", "preprocess_ms", "infer_wait_ms", "infer_ms", "decide_wait_ms", "end_to_end_ms")
+TARGETS = ("pipeline_vs_backend_throughput", "pipeline_vs_naive_throughput", "pipeline_e2e_p99_over_p50",
+           "pipeline_peak_rss")
+
+
+@pytest.fixture(scope="module")
+def bench(bundle_dir: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.bench", "--frames", str(FRAMES), "--warmup", "2", "--bundle", str(bundle_dir),
+         "--run", str(trained_run), "--out-dir", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return {"report": json.loads((out / "bench.json").read_text()), "stdout": proc.stdout, "out": out}
+
+
+def _finite_positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_report_names_the_machine_and_the_inputs(bench: dict[str, Any]):
+    report = bench["report"]
+    machine = report["machine"]
+    for key in ("cpu_model", "cores", "python", "onnxruntime", "torch", "date_utc"):
+        assert machine[key], key
+    inputs = report["inputs"]
+    assert inputs["frames"] == FRAMES and inputs["frame_size"] == "640x480"
+    assert inputs["model_input"] == "64x64 gray" and inputs["bundle_origin"] == "given"
+
+
+def test_frames_are_640x480_bgr_camera_images(bench: dict[str, Any]):
+    files = sorted(Path(bench["report"]["inputs"]["frames_dir"]).glob("frame_*.png"))
+    assert len(files) == FRAMES
+    assert cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED).shape == (480, 640, 3)
+
+
+def test_every_case_reports_positive_finite_numbers(bench: dict[str, Any]):
+    cases = bench["report"]["cases"]
+    assert set(cases) == set(CASES)
+    for name, case in cases.items():
+        assert case["frames"] == FRAMES, name
+        assert _finite_positive(case["throughput_per_s"]), name
+        assert _finite_positive(case["cpu"]["wall_s"]), name
+        assert _finite_positive(case["process"]["peak_rss_mb"]), name
+        for stat in case["latency_ms"].values():
+            assert stat["n"] == FRAMES, name
+            for q in ("p50", "p99", "mean", "max"):
+                assert math.isfinite(stat[q]) and stat[q] >= 0, (name, q)
+            assert stat["p50"] <= stat["p99"] <= stat["max"], name
+    assert set(cases["pipeline"]["latency_ms"]) == set(STAGES)
+    assert all(_finite_positive(cases["pipeline"]["latency_ms"][k]["p50"]) for k in ("infer_ms", "end_to_end_ms"))
+
+
+def test_pipeline_inspects_every_frame_without_torch(bench: dict[str, Any]):
+    cases = bench["report"]["cases"]
+    pipeline = cases["pipeline"]
+    assert sum(pipeline["verdicts"].values()) == FRAMES and "error" not in pipeline["verdicts"]
+    assert pipeline["dropped"] == 0
+    assert pipeline["process"]["torch_imported"] is False
+    assert cases["naive"]["process"]["torch_imported"] is True
+
+
+def test_all_cases_score_the_same_model(bench: dict[str, Any]):
+    agreement = bench["report"]["score_agreement"]
+    assert set(agreement) == {"backend", "naive"}
+    assert all(v is not None and v < 1e-3 for v in agreement.values()), agreement
+
+
+def test_target_verdicts_follow_the_measured_ratios(bench: dict[str, Any]):
+    report = bench["report"]
+    cases, targets = report["cases"], report["targets"]
+    assert set(targets) == set(TARGETS)
+    p = cases["pipeline"]
+    expected = {
+        "pipeline_vs_backend_throughput": p["throughput_per_s"] / cases["backend"]["throughput_per_s"],
+        "pipeline_vs_naive_throughput": p["throughput_per_s"] / cases["naive"]["throughput_per_s"],
+        "pipeline_e2e_p99_over_p50": p["latency_ms"]["end_to_end_ms"]["p99"] / p["latency_ms"]["end_to_end_ms"]["p50"],
+        "pipeline_peak_rss": p["process"]["peak_rss_mb"],
+    }
+    for key, target in targets.items():
+        assert target["measured"] == pytest.approx(expected[key]), key
+        measured, limit = target["measured"], target["limit"]
+        within = measured >= limit if target["op"] == ">=" else measured <= limit
+        assert target["met"] is (within and not target.get("torch_imported", False)), key
+    assert report["all_targets_met"] is all(t["met"] for t in targets.values())
+
+
+def test_printed_table_marks_each_target_met_or_missed(bench: dict[str, Any]):
+    lines = bench["stdout"].splitlines()
+    for target in bench["report"]["targets"].values():
+        line = next(x for x in lines if x.strip().startswith(target["description"]))
+        assert line.rstrip().endswith("met" if target["met"] else "MISSED")
+
+
+def test_a_missed_target_is_reported_not_raised():
+    def case(throughput: float, p50: float = 10.0, p99: float = 11.0, rss: float = 100.0, torch: bool = False):
+        return {"throughput_per_s": throughput, "latency_ms": {"end_to_end_ms": {"p50": p50, "p99": p99}},
+                "process": {"peak_rss_mb": rss, "torch_imported": torch}}
+
+    targets = check_targets({"backend": case(100.0), "pipeline": case(50.0, p99=30.0, torch=True),
+                             "naive": case(10.0)})
+    assert targets["pipeline_vs_backend_throughput"]["met"] is False
+    assert targets["pipeline_vs_backend_throughput"]["measured"] == pytest.approx(0.5)
+    assert targets["pipeline_vs_naive_throughput"]["met"] is True
+    assert targets["pipeline_e2e_p99_over_p50"]["met"] is False
+    assert targets["pipeline_peak_rss"]["met"] is False  # small, but torch was imported
+
+
+def test_bundle_without_its_training_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["--bundle", str(tmp_path), "--out-dir", str(tmp_path)]) == 1
+    assert "--bundle and --run go together" in capsys.readouterr().err

@@ -13,12 +13,12 @@ BUNDLE    ?= artifacts/bundle
 EPOCHS    ?= 20
 ELPV_RUN  ?= runs/elpv
 ELPV_BUNDLE ?= artifacts/elpv-bundle
-ELPV_EPOCHS ?= 20
+ELPV_EPOCHS ?= 30
 
 .PHONY: help demo test lint train train-elpv export augment-preview clean
 
 help:
-	@echo "make demo             train a small model on synthetic parts, export a bundle, classify sample frames (CPU)"
+	@echo "make demo             train a small model on synthetic parts, export a bundle, run the station on sample frames (CPU)"
 	@echo "make test             run the test suite"
 	@echo "make train DATA=DIR   train on your parts (DIR/ok, DIR/defect) into RUN=$(RUN)"
 	@echo "make export           RUN -> model bundle BUNDLE=$(BUNDLE) (FP32 + INT8 Q/DQ + FP16 ONNX)"
@@ -61,11 +61,18 @@ export: $(VENV)/.stamp-base
 	$(PY) -m export --run $(RUN) --out $(BUNDLE)
 
 train-elpv: $(VENV)/.stamp-bench
-	$(PY) -m training --dataset elpv --out $(ELPV_RUN) --epochs $(ELPV_EPOCHS) --soft-labels --target-recall 0.9
+	$(PY) -m training --dataset elpv --out $(ELPV_RUN) --epochs $(ELPV_EPOCHS) --backbone efficientnet_lite0 \
+		--input-size 300 --balance sampler --augment mild --target-recall 0.9 --patience 10
 	$(PY) -m export --run $(ELPV_RUN) --out $(ELPV_BUNDLE)
 
 augment-preview: $(VENV)/.stamp-base
 	$(PY) -m training.augment --out artifacts/augment_preview.png
+
+# CPU benchmark: bare ONNX Runtime vs the appliance pipeline vs a naive PyTorch loop (artifacts/bench/bench.json).
+# Extra options: make bench BENCH_ARGS="--frames 100"
+.PHONY: bench
+bench: $(VENV)/.stamp-base
+	$(PY) -m tools.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf runs/demo artifacts/demo-bundle artifacts/demo-frames artifacts/demo-var

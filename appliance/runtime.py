@@ -64,7 +64,7 @@ def supervisor_factory(settings: StationSettings, bundle: Bundle):
 
     def cpu() -> OnnxRuntimeBackend:
         return OnnxRuntimeBackend(bundle.path("onnx_fp32"), threads=inf.threads, slots=SLOTS,
-                                  model_id=bundle.model_id)
+                                  model_id=bundle.model_id, spin=False)
 
     def gpu():
         from appliance.trt_backend import TensorRTBackend

@@ -57,7 +57,7 @@ def build_bundle(
     name: str | None = None,
     calibration_images: int = 256,
     golden_images: int = 32,
-    calibration_method: str = "minmax",
+    calibration_method: str = "percentile",
     int8: bool = True,
     fp16: bool = True,
 ) -> Path:

@@ -17,12 +17,12 @@ import cv2
 import pytest
 
 from tools.bench.__main__ import main
-from tools.bench.report import check_targets
+from tools.bench.report import check_targets, median_run
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = 8
 CASES = ("backend", "pipeline", "naive")
-STAGES = ("queue_ms", "preprocess_ms", "infer_wait_ms", "infer_ms", "decide_wait_ms", "end_to_end_ms")
+STAGES = ("queue_ms", "slot_wait_ms", "preprocess_ms", "infer_wait_ms", "infer_ms", "decide_wait_ms", "end_to_end_ms")
 TARGETS = ("pipeline_vs_backend_throughput", "pipeline_vs_naive_throughput", "pipeline_e2e_p99_over_p50",
            "pipeline_peak_rss")
 
@@ -31,8 +31,8 @@ TARGETS = ("pipeline_vs_backend_throughput", "pipeline_vs_naive_throughput", "pi
 def bench(bundle_dir: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.bench", "--frames", str(FRAMES), "--warmup", "2", "--bundle", str(bundle_dir),
-         "--run", str(trained_run), "--out-dir", str(out)],
+        [sys.executable, "-m", "tools.bench", "--frames", str(FRAMES), "--warmup", "2", "--repeats", "1",
+         "--bundle", str(bundle_dir), "--run", str(trained_run), "--out-dir", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -67,6 +67,8 @@ def test_every_case_reports_positive_finite_numbers(bench: dict[str, Any]):
         assert _finite_positive(case["throughput_per_s"]), name
         assert _finite_positive(case["cpu"]["wall_s"]), name
         assert _finite_positive(case["process"]["peak_rss_mb"]), name
+        assert case["repeats"]["throughput_per_s"] == [case["throughput_per_s"]], name
+        assert "scores" not in case, name  # per-frame scores feed score_agreement, not the report
         for stat in case["latency_ms"].values():
             assert stat["n"] == FRAMES, name
             for q in ("p50", "p99", "mean", "max"):
@@ -129,6 +131,15 @@ def test_a_missed_target_is_reported_not_raised():
     assert targets["pipeline_vs_naive_throughput"]["met"] is True
     assert targets["pipeline_e2e_p99_over_p50"]["met"] is False
     assert targets["pipeline_peak_rss"]["met"] is False  # small, but torch was imported
+
+
+def test_each_case_reports_its_median_run_whole():
+    runs = [{"throughput_per_s": t, "latency_ms": {"run": i}, "process": {"peak_rss_mb": 100.0 + i}}
+            for i, t in enumerate((30.0, 10.0, 20.0, 40.0))]
+    chosen = median_run(runs)
+    assert chosen["throughput_per_s"] == 20.0 and chosen["latency_ms"] == {"run": 2}  # lower middle, one run's numbers
+    assert chosen["repeats"] == {"chosen": 2, "throughput_per_s": [30.0, 10.0, 20.0, 40.0],
+                                 "peak_rss_mb": [100.0, 101.0, 102.0, 103.0]}
 
 
 def test_bundle_without_its_training_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -127,7 +127,7 @@ def test_modified_bundle_file_is_refused_by_name(bundle_dir: Path, tmp_path: Pat
     with pytest.raises(BundleError, match=r"model_fp32\.onnx \(onnx_fp32\) is missing"):
         load_bundle(copy)
     (copy / "metadata.json").write_text("{not json")
-    with pytest.raises(BundleError, match="metadata.json is not valid JSON"):
+    with pytest.raises(BundleError, match=r"metadata\.json is not valid JSON"):
         load_bundle(copy)
     with pytest.raises(BundleError, match="does not exist"):
         load_bundle(tmp_path / "nothing")

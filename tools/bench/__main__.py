@@ -18,7 +18,7 @@ from typing import Any
 from tools.bench.cases import CASES
 from tools.bench.errors import BenchError
 from tools.bench.inputs import FRAME_HEIGHT, FRAME_WIDTH, Prepared, ensure_frames, ensure_model, repo_root
-from tools.bench.report import check_targets, format_table, machine_info, score_agreement
+from tools.bench.report import check_targets, format_table, machine_info, median_run, score_agreement
 
 REPORT_SCHEMA_VERSION = 1
 NOTES = [
@@ -27,7 +27,9 @@ NOTES = [
     "latency: time.perf_counter per infer call (a), per frame (c); (b) from the pipeline's own record.latency_ms",
     "peak RSS: getrusage(RUSAGE_SELF).ru_maxrss of each case's own process, in MB (10^6 bytes); vm_hwm_mb is "
     "the same from /proc/self/status VmHWM",
-    "each case runs in a fresh process, one after another; the pipeline's process never imports torch",
+    "each case runs in a fresh process, one after another, in --repeats rounds; a case's numbers are those of "
+    "its run with the median throughput (all runs' throughputs are under repeats)",
+    "the pipeline's process never imports torch",
     "the model was trained for one step: speed depends on architecture and input size, not on the weights",
 ]
 
@@ -48,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=_positive, default=300, help="camera frames to inspect per case (default 300)")
     p.add_argument("--threads", type=_positive, default=2, help="ONNX Runtime intra-op threads, (a) and (b)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before (a) and (c) (default 10)")
+    p.add_argument("--repeats", type=_positive, default=3,
+                   help="rounds of the three cases; each case reports its median-throughput run (default 3)")
     p.add_argument("--out-dir", type=Path, default=Path("artifacts/bench"), help="cache and report folder")
     p.add_argument("--json", type=Path, help="report file (default OUT_DIR/bench.json)")
     p.add_argument("--bundle", type=Path, help="use this model bundle instead of training one (needs --run)")
@@ -55,11 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_case(case: str, frames: Path, workdir: Path, extra: list[str]) -> dict[str, Any]:
-    """One case in a fresh child process; its numbers come back through a JSON file."""
-    result = workdir / f"{case}.json"
+def run_case(case: str, frames: Path, result: Path, extra: list[str], label: str) -> dict[str, Any]:
+    """One case in a fresh child process; its numbers come back through the JSON file `result`."""
     args = ["-m", "tools.bench.cases", case, "--frames", str(frames), "--result", str(result), *extra]
-    print(f"bench: case {case} ...", flush=True)
+    print(f"bench: case {label} ...", flush=True)
     rc = subprocess.run([sys.executable, *args], cwd=repo_root(), check=False).returncode
     if rc != 0 or not result.is_file():
         raise BenchError(f"case {case} failed (exit {rc}); its output is above",
@@ -89,14 +92,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     frames = ensure_frames(bench_dir, args.frames)
     meta = json.loads((bundle.path / "metadata.json").read_text())
     pre = meta["preprocess"]
-    common = {"backend": ["--bundle", str(bundle.path), "--threads", str(args.threads), "--warmup", str(args.warmup)],
-              "pipeline": ["--bundle", str(bundle.path), "--threads", str(args.threads), "--scratch", str(bench_dir)],
-              "naive": ["--run", str(run.path), "--warmup", str(args.warmup)]}
+    ort = ["--bundle", str(bundle.path), "--threads", str(args.threads)]
+    case_args = {"backend": [*ort, "--warmup", str(args.warmup)], "pipeline": [*ort, "--scratch", str(bench_dir)],
+                 "naive": ["--run", str(run.path), "--warmup", str(args.warmup)]}
+    runs: dict[str, list[dict[str, Any]]] = {case: [] for case in CASES}
     with tempfile.TemporaryDirectory(prefix="bench-results-") as work:
-        cases = {case: run_case(case, frames.path, Path(work), common[case]) for case in CASES}
+        # Round after round of all three cases rather than one case R times: a slow spell of the host hits
+        # different cases in different rounds instead of skewing one case's every run.
+        for r in range(args.repeats):
+            for case in CASES:
+                runs[case].append(run_case(case, frames.path, Path(work) / f"{case}-{r}.json", case_args[case],
+                                           f"{case} (round {r + 1} of {args.repeats})"))
+    cases = {case: median_run(case_runs) for case, case_runs in runs.items()}
     agreement = score_agreement(cases)
-    for case in cases.values():
-        case.pop("scores", None)  # N per-frame scores: used for the agreement check, too long for the report
+    for numbers in cases.values():
+        numbers.pop("scores", None)  # N per-frame scores: for the agreement check, too long for the report
     targets = check_targets(cases)
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -106,7 +116,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "frames_origin": frames.origin, "bundle": str(bundle.path), "bundle_origin": bundle.origin,
             "run": str(run.path), "run_origin": run.origin, "backbone": meta.get("backbone"),
             "model_input": f"{pre['input_width']}x{pre['input_height']} {pre['color']}",
-            "ort_threads": args.threads, "warmup": args.warmup,
+            "ort_threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
         },
         "cases": cases,
         "score_agreement": agreement,

@@ -29,10 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench.errors import BenchError
+from tools.bench.report import system_cpu_seconds
 
 CASES = ("backend", "pipeline", "naive")
 # record.latency_ms keys, in the order a part meets them.
-STAGE_KEYS = ("queue_ms", "preprocess_ms", "infer_wait_ms", "infer_ms", "decide_wait_ms", "end_to_end_ms")
+STAGE_KEYS = (
+    "queue_ms", "slot_wait_ms", "preprocess_ms", "infer_wait_ms", "infer_ms", "decide_wait_ms", "end_to_end_ms",
+)
 
 
 def summarize(values_ms: list[float]) -> dict[str, float]:
@@ -69,23 +72,35 @@ def process_usage() -> dict[str, Any]:
 
 
 class CpuWindow:
-    """Wall time and this process's CPU time over a window: cores busy > threads wanted means contention."""
+    """Wall time and CPU time over the timed window: this process's, and the rest of the machine's.
+
+    `other_cores`: cores kept busy by other processes meanwhile (a job running beside the bench makes the
+    numbers suspect); `steal_cores`: CPU the hypervisor gave to other virtual machines.
+    """
 
     def __init__(self) -> None:
         self._wall0 = time.perf_counter()
         self._ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        self._machine0 = system_cpu_seconds()
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self._wall0
         ru = resource.getrusage(resource.RUSAGE_SELF)
+        machine = system_cpu_seconds()
         user, system = ru.ru_utime - self._ru0.ru_utime, ru.ru_stime - self._ru0.ru_stime
-        return {
+        out = {
             "wall_s": wall, "cpu_user_s": user, "cpu_system_s": system,
             "cores_busy": (user + system) / wall if wall > 0 else float("nan"),
             # Involuntary switches: a runnable thread was preempted because another wanted its core.
             "involuntary_ctx_switches": ru.ru_nivcsw - self._ru0.ru_nivcsw,
             "voluntary_ctx_switches": ru.ru_nvcsw - self._ru0.ru_nvcsw,
         }
+        if machine is not None and self._machine0 is not None and wall > 0:
+            # /proc/stat counts in clock ticks: over a very short window this is coarse, never negative.
+            others = machine["busy_s"] - self._machine0["busy_s"] - user - system
+            out["other_cores"] = max(0.0, others) / wall
+            out["steal_cores"] = (machine["steal_s"] - self._machine0["steal_s"]) / wall
+        return out
 
 
 class ThreadCpuSampler:

@@ -16,6 +16,12 @@ MIN_VS_NAIVE = 3.0
 MAX_P99_OVER_P50 = 2.0
 MAX_RSS_MB = 400.0
 
+# Other processes busy on more than this many cores during a case make its numbers suspect.
+OTHER_LOAD_WARN_CORES = 0.1
+
+# Repeats of one case further apart than this (max / min throughput) are called out.
+SPREAD_WARN = 1.2
+
 # The latency each case's p50/p99 column shows.
 HEADLINE_LATENCY = {"backend": "infer", "pipeline": "end_to_end_ms", "naive": "frame"}
 CASE_LABELS = {
@@ -72,6 +78,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def system_cpu_seconds() -> dict[str, float] | None:
+    """CPU seconds the whole machine has spent busy, and stolen by the hypervisor, since boot (/proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"busy_s": (user + nice + system + irq + softirq) / tick, "steal_s": steal / tick}
+
+
 def _target(description: str, measured: float, op: str, limit: float, **extra: Any) -> dict[str, Any]:
     met = math.isfinite(measured) and (measured >= limit if op == ">=" else measured <= limit)
     return {"description": description, "measured": measured, "op": op, "limit": limit, "met": bool(met), **extra}
@@ -98,6 +117,22 @@ def check_targets(cases: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     }
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput (the lower middle of an even count), with every run's spread.
+
+    One whole run rather than a median per field: its latencies, CPU time and memory belong together.
+    """
+    if not runs:
+        raise ValueError("no runs to choose from")
+    order = sorted(range(len(runs)), key=lambda i: runs[i]["throughput_per_s"])
+    chosen = order[(len(runs) - 1) // 2]
+    return {**runs[chosen], "repeats": {
+        "chosen": chosen,
+        "throughput_per_s": [r["throughput_per_s"] for r in runs],
+        "peak_rss_mb": [r["process"]["peak_rss_mb"] for r in runs],
+    }}
+
+
 def score_agreement(cases: dict[str, dict[str, Any]], reference: str = "pipeline") -> dict[str, float | None]:
     """Largest |defect score difference| per frame against the pipeline: proof the cases run the same model."""
     ref = cases[reference].get("scores", {})
@@ -122,16 +157,29 @@ def format_table(report: dict[str, Any]) -> str:
         "Speed depends on the architecture and input size, not on how well the model is trained"
         + (" (the bench model had one training step)." if inputs["bundle_origin"] != "given" else "."),
         "",
-        f"{'case':38s} {'parts/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'cores busy':>11s} {'peak RSS MB':>12s}  torch",
+        f"{'case':38s} {'parts/s':>8s} {'(all runs)':>18s} {'p50 ms':>8s} {'p99 ms':>8s} {'cores busy':>11s} "
+        f"{'peak RSS MB':>12s}  torch",
     ]
     for name in ("backend", "pipeline", "naive"):
         c = cases[name]
         lat = c["latency_ms"][HEADLINE_LATENCY[name]]
+        all_runs = "/".join(f"{t:.0f}" for t in c.get("repeats", {}).get("throughput_per_s", []))
         lines.append(
-            f"{CASE_LABELS[name]:38s} {c['throughput_per_s']:8.1f} {lat['p50']:8.1f} {lat['p99']:8.1f} "
+            f"{CASE_LABELS[name]:38s} {c['throughput_per_s']:8.1f} {all_runs:>18s} {lat['p50']:8.1f} {lat['p99']:8.1f} "
             f"{c['cpu']['cores_busy']:11.2f} {c['process']['peak_rss_mb']:12.1f}  "
             f"{'imported' if c['process']['torch_imported'] else 'no'}"
         )
+    for name in ("backend", "pipeline", "naive"):
+        tput = cases[name].get("repeats", {}).get("throughput_per_s", [])
+        if len(tput) > 1 and min(tput) > 0 and max(tput) / min(tput) > SPREAD_WARN:
+            lines.append(f"  WARNING: {name} throughput varied {max(tput) / min(tput):.2f}x between rounds: the CPU "
+                         "capacity this machine got changed during the bench; read the ratios with that in mind")
+    for name in ("backend", "pipeline", "naive"):
+        cpu = cases[name]["cpu"]
+        other, steal = cpu.get("other_cores", 0.0), cpu.get("steal_cores", 0.0)
+        if other > OTHER_LOAD_WARN_CORES or steal > OTHER_LOAD_WARN_CORES:
+            lines.append(f"  WARNING: while {name} was timed, other processes kept {other:.2f} cores busy and the "
+                         f"hypervisor took {steal:.2f}: its numbers were measured on a shared machine")
     p = cases["pipeline"]
     lines += ["", f"(b) per stage ({p['ort_threads']} ORT threads)   p50 ms   p99 ms"]
     for key, lat in p["latency_ms"].items():

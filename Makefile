@@ -39,11 +39,11 @@ $(VENV)/.stamp-bench: $(VENV)/.stamp-base
 
 # --- the two commands ---------------------------------------------------------------------------
 demo: $(VENV)/.stamp-base
-	$(PY) -m training --dataset synthetic --synthetic-ok 200 --synthetic-defect 120 --synthetic-severity 2.5 \
-		--input-size 160 --epochs 8 --patience 8 --out runs/demo --quiet
+	$(PY) -m training --dataset synthetic --synthetic-ok 240 --synthetic-defect 160 --synthetic-severity 4 \
+		--input-size 160 --epochs 10 --patience 10 --target-recall 0.8 --out runs/demo --quiet
 	$(PY) -m export --run runs/demo --out artifacts/demo-bundle --calibration-images 64 --golden-images 16
 	rm -rf artifacts/demo-frames artifacts/demo-var
-	$(PY) -m training.synthetic --out artifacts/demo-frames --frames 24 --severity 2.5 --seed 4242
+	$(PY) -m training.synthetic --out artifacts/demo-frames --frames 24 --severity 4 --seed 4242
 	$(VENV)/bin/appliance show-bundle artifacts/demo-bundle
 	$(VENV)/bin/appliance run --config provisioning/demo-station.toml
 

@@ -167,3 +167,15 @@ def test_same_seed_same_split(parts_folder: Path, tmp_path: Path):
     a = split_samples(cfg, load_samples(cfg))
     b = split_samples(cfg, load_samples(cfg))
     assert {k: [s.name for s in v] for k, v in a.items()} == {k: [s.name for s in v] for k, v in b.items()}
+
+
+def test_histogram_calibration_is_capped_to_fit_memory(bundle_dir: Path, tmp_path: Path):
+    from export.quantize import HISTOGRAM_MAX_IMAGES, quantize_int8
+    from training.synthetic import render_part
+
+    bundle = load_bundle(bundle_dir)
+    frames = [render_part(900 + i, None, 64) for i in range(HISTOGRAM_MAX_IMAGES + 6)]
+    info = quantize_int8(bundle.path("onnx_fp32"), tmp_path / "q.onnx", frames, bundle.metadata.preprocess,
+                         method="percentile")
+    assert info["calibration_images"] == HISTOGRAM_MAX_IMAGES and info["calibration_method"] == "percentile"
+    assert check_qdq(tmp_path / "q.onnx") == []

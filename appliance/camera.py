@@ -161,6 +161,8 @@ class FrameSource(ABC):
         self._lock = threading.Lock()  # guards the counters below: state() may come from another thread
         self._rate = _RateMeter()
         self._delivered = 0
+        self._dropped = 0
+        self._reconnects = 0
         self._last_error: str | None = None
         self._closed = False
 
@@ -179,8 +181,25 @@ class FrameSource(ABC):
         """The next frame, or None: end of a finite source, closed, or (live) nothing new within `timeout`."""
 
     @abstractmethod
+    def _connected_now(self) -> bool:
+        """Whether frames can come right now (called with the lock held)."""
+
     def state(self) -> CameraState:
         """A snapshot of the source's health."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._rate.last
+            return CameraState(
+                kind=self.kind,
+                source=self._name,
+                connected=self._connected_now(),
+                fps=round(self._rate.fps(now), 2),
+                frames_delivered=self._delivered,
+                frames_dropped=self._dropped,
+                reconnects=self._reconnects,
+                last_frame_age_s=None if last is None else round(now - last, 3),
+                last_error=self._last_error,
+            )
 
     @abstractmethod
     def close(self) -> None:
@@ -243,21 +262,8 @@ class OnDemandSource(FrameSource):
                 self._last_error = f"{name}: {error}" if name else error
         return frame
 
-    def state(self) -> CameraState:
-        now = time.monotonic()
-        with self._lock:
-            last = self._rate.last
-            return CameraState(
-                kind=self.kind,
-                source=self._name,
-                connected=not self._closed and not self._exhausted,
-                fps=round(self._rate.fps(now), 2),
-                frames_delivered=self._delivered,
-                frames_dropped=0,
-                reconnects=0,
-                last_frame_age_s=None if last is None else round(now - last, 3),
-                last_error=self._last_error,
-            )
+    def _connected_now(self) -> bool:
+        return not self._closed and not self._exhausted
 
     def close(self) -> None:
         self._closed = True
@@ -394,8 +400,6 @@ class LiveSource(FrameSource):
         self._cond = threading.Condition(self._lock)  # one lock for the slot and the counters
         self._latest: Frame | None = None
         self._index = 0
-        self._dropped = 0
-        self._reconnects = 0
         self._connected = False
         self._ever_connected = False
         self._reader_done = False
@@ -419,21 +423,8 @@ class LiveSource(FrameSource):
                 self._delivered += 1
             return frame
 
-    def state(self) -> CameraState:
-        now = time.monotonic()
-        with self._lock:
-            last = self._rate.last
-            return CameraState(
-                kind=self.kind,
-                source=self._name,
-                connected=self._connected,
-                fps=round(self._rate.fps(now), 2),
-                frames_delivered=self._delivered,
-                frames_dropped=self._dropped,
-                reconnects=self._reconnects,
-                last_frame_age_s=None if last is None else round(now - last, 3),
-                last_error=self._last_error,
-            )
+    def _connected_now(self) -> bool:
+        return self._connected
 
     def close(self) -> None:
         """Stop the reader thread (it releases the capture itself) and wake any waiting `read()`."""

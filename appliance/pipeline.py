@@ -145,6 +145,7 @@ class Pipeline:
         self.reporter = reporter
         self._supervisor_factory = supervisor_factory
         self._mode = config.mode
+        self._mode_before_fallback: Mode | None = None  # the mode to return to when a backend is back
         self._q_pre: queue.Queue[Any] = queue.Queue(config.queue_size)
         self._q_infer: queue.Queue[Any] = queue.Queue(config.queue_size)
         self._q_decide: queue.Queue[Any] = queue.Queue(config.queue_size)
@@ -343,9 +344,8 @@ class Pipeline:
         with self._lock:
             if backend is None and self._mode is not Mode.MANUAL_FALLBACK:
                 self._mode_before_fallback, self._mode = self._mode, Mode.MANUAL_FALLBACK
-            elif backend is not None and self._mode is Mode.MANUAL_FALLBACK and hasattr(self, "_mode_before_fallback"):
-                self._mode = self._mode_before_fallback
-                del self._mode_before_fallback
+            elif backend is not None and self._mode_before_fallback is not None:
+                self._mode, self._mode_before_fallback = self._mode_before_fallback, None
 
     def _decide_loop(self) -> None:
         while (insp := self._q_decide.get()) is not _STOP:

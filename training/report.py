@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from appliance.bundle import CLASS_NAMES
 from training.metrics import (
     band_outcomes,
     binary_metrics,
@@ -30,9 +31,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 REPORT_VERSION = 1
-# Index order of the classifier's outputs; the same tuple as appliance.bundle.CLASS_NAMES, repeated here
-# so that the report does not depend on the runtime's bundle models.
-CLASS_NAMES = ("no_defect", "defect")
 REFERENCE_PRECISION = "fp32"
 FOUR_CLASS_COUNT = 4
 JSON_FILE = "report.json"

@@ -17,7 +17,6 @@ oldest of the rest. What was shed is counted per kind for the reporter's overflo
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.errors import ConfigError
+from appliance.sqlite_store import open_store
 
 SCHEMA_VERSION = 1
 HEARTBEAT_KIND = "health"
@@ -72,17 +71,8 @@ class Outbox:
             raise ValueError(f"outbox max_messages must be at least 1, got {max_messages}")
         if max_age_s <= 0:
             raise ValueError(f"outbox max_age_s must be positive, got {max_age_s}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            (depth,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        except sqlite3.Error as exc:
-            raise ConfigError(f"MQTT outbox {path} cannot be opened: {exc}",
-                              hint="check storage.data_dir exists, is writable and has free space") from exc
+        self._db = open_store(path, _SCHEMA, SCHEMA_VERSION, "MQTT outbox", synchronous)
+        (depth,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         self.path = path
         self.max_messages = max_messages
         self.max_age_s = max_age_s

@@ -8,7 +8,6 @@ writes; `synchronous=FULL` by default so a power cut cannot lose a committed res
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError
+from appliance.sqlite_store import open_store
 
 SCHEMA_VERSION = 1
 
@@ -78,16 +77,7 @@ class ResultsLog:
     """Append-only SQLite log. One connection, guarded by a lock: any thread may write."""
 
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        except sqlite3.Error as exc:
-            raise ConfigError(f"results log {path} cannot be opened: {exc}",
-                              hint="check storage.data_dir exists, is writable and has free space") from exc
+        self._db = open_store(path, _SCHEMA, SCHEMA_VERSION, "results log", synchronous)
         self.path = path
         self._lock = threading.Lock()
 

@@ -186,10 +186,6 @@ class Pipeline:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
 
-    def run_until_done(self) -> None:
-        self.start()
-        self.join()
-
     def trigger(self, part_id: str) -> None:
         """Triggered mode: inspect the next frame as part `part_id` (from a PLC, MQTT or an operator)."""
         self._triggers.put(part_id)
@@ -199,8 +195,13 @@ class Pipeline:
         return self._mode
 
     def set_mode(self, mode: Mode) -> None:
+        """Switch the configured mode (a command from the control room). During a manual fallback the new
+        mode is the one the station returns to once a backend is back, not an override of the fallback."""
         with self._lock:
-            old, self._mode = self._mode, mode
+            if self._mode_before_fallback is not None:
+                old, self._mode_before_fallback = self._mode_before_fallback, mode
+            else:
+                old, self._mode = self._mode, mode
         if old is not mode:
             self._event("mode_changed", {"from": old.value, "to": mode.value})
 

@@ -230,3 +230,58 @@ def test_run_help_explains_the_stop_behaviour(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "SIGTERM" in capsys.readouterr().out
+
+
+def test_mode_command_during_gpu_fallback_takes_effect_when_the_gpu_is_back(tmp_path: Path, bundle_dir: Path):
+    from appliance.bundle import load_bundle
+
+    onnx = load_bundle(bundle_dir).path("onnx_fp32")
+    calls = {"n": 0}
+
+    def primary():
+        calls["n"] += 1
+        if calls["n"] <= 8:  # the GPU stays away for the first parts
+            raise GpuUnavailableError("cuInit failed (injected)")
+        return DiesOnCall(OnnxRuntimeBackend(onnx, slots=3, model_id="m"), fail_at=10**9)
+
+    results = ResultsLog(tmp_path / "r.sqlite3")
+    pipeline = _pipeline_with(tmp_path, bundle_dir, 14, primary, None, results)
+
+    class CommandDuringFallback(LogReporter):
+        sent = False
+
+        def inspection(self, record):
+            super().inspection(record)
+            if record.mode == "manual_fallback" and not self.sent:
+                self.sent = True  # the control room switches to shadow while the GPU is away
+                pipeline.set_mode(Mode.SHADOW)
+
+    pipeline.reporter = CommandDuringFallback(results, echo=False)
+    _run(pipeline)
+    records = list(results.inspections())
+    assert len(records) == 14 and records[0].mode == "manual_fallback"
+    # back from the fallback into the mode asked for meanwhile, not the one from before the GPU went
+    assert records[-1].mode == "shadow" and records[-1].verdict == "manual_required" and records[-1].ai_verdict
+    kinds = [k for _, k, _ in results.events()]
+    assert "mode_changed" in kinds and "gpu_back" in kinds
+
+
+def test_trigger_stdin_inspects_one_part_per_line(tmp_path: Path, bundle_dir: Path):
+    config = tmp_path / "station.toml"
+    config.write_text(
+        f'[station]\nid = "st-trg"\n[model]\nbundle = "{bundle_dir}"\n[camera]\nsource = "synthetic"\nloop = true\n'
+        f'[trigger]\nmode = "triggered"\n[inference]\nbackend = "onnxruntime"\nthreads = 1\n[mqtt]\nenabled = false\n'
+        f'[storage]\ndata_dir = "{tmp_path / "var"}"\n'
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--config", str(config), "--trigger-stdin"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc.stdin.write("SN-A\n\nSN-B\n")
+    proc.stdin.flush()
+    db = tmp_path / "var" / "results.sqlite3"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (db.exists() and sum(ResultsLog(db).counts().values()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert [r.part_id for r in ResultsLog(db).inspections()] == ["SN-A", "SN-B"]

@@ -143,6 +143,43 @@ class Outbox:
             self._depth -= cur.rowcount
             return cur.rowcount > 0
 
+    def ack_many(self, ids: Iterable[int]) -> int:
+        """Several acknowledgements in one transaction (one fsync instead of one per message). Returns deleted."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        deleted = 0
+        with self._lock:
+            self._in_flight.difference_update(ids)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(ids), 500):  # under SQLite's bound-parameter limit
+                    chunk = ids[start:start + 500]
+                    cur = self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+                    deleted += cur.rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth -= deleted
+        return deleted
+
+    def next_counter(self, name: str) -> int:
+        """Increment and return a persistent counter (0 the first time): the MQTT bdSeq survives restarts,
+        so the `offline` will of a killed process never carries the number of the one that replaced it."""
+        key = f"counter:{name}"
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+                value = 0 if row is None else int(row[0]) + 1
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return value
+
     def release_in_flight(self) -> int:
         """After a disconnect: everything in flight is pending again, in its original order. Returns how many."""
         with self._lock:

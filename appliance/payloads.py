@@ -21,6 +21,7 @@ import math
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +115,8 @@ class HealthPayload(_Published):
     spool_depth: int = Field(0, ge=0)
     spool_oldest_age_s: float | None = None
     disk_free_mb: float | None = None
+    # The broker link as the station saw it when the heartbeat was made (a replayed heartbeat shows the outage).
+    mqtt: dict[str, Any] = Field(default_factory=dict)
     last_error: str | None = None
 
     @field_validator("latency_p50_ms", "latency_p99_ms", "spool_oldest_age_s", "disk_free_mb", mode="before")
@@ -233,6 +236,38 @@ def topic(root: str, site: str, line: str, station: str, kind: str) -> str:
         if not level or any(c in level for c in "/+#"):
             raise ValueError(f"{name} {level!r} cannot be one MQTT topic level (empty, or has '/', '+' or '#')")
     return f"{root}/{site}/{line}/{station}/{kind}"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic names of one station; the levels are checked once, here."""
+
+    root: str
+    site: str
+    line: str
+    station: str
+
+    def __post_init__(self) -> None:
+        topic(self.root, self.site, self.line, self.station, "status")  # raises ValueError for a bad level
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.root}/{self.site}/{self.line}/{self.station}"
+
+    def of(self, kind: str) -> str:
+        return topic(self.root, self.site, self.line, self.station, kind)
+
+    @property
+    def command_filter(self) -> str:
+        """What the station subscribes to: its own command topics only."""
+        return f"{self.prefix}/cmd/+"
+
+    def kind_of(self, name: str) -> str | None:
+        """The message kind of a topic under this station's prefix, None for anything else."""
+        if not name.startswith(self.prefix + "/"):
+            return None
+        kind = name[len(self.prefix) + 1:]
+        return kind if kind in KINDS else None
 
 
 class CommandError(ValueError):

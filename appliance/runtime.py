@@ -11,16 +11,20 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from appliance.bundle import Bundle, load_bundle
 from appliance.decision import Mode, OperatingPoint
 from appliance.errors import ConfigError, GpuUnavailableError
+from appliance.mqtt_link import LinkConfig
 from appliance.ort_backend import OnnxRuntimeBackend
+from appliance.outbox import Outbox
+from appliance.payloads import Topics
 from appliance.pipeline import Pipeline, PipelineConfig
-from appliance.results_log import InspectionRecord, ResultsLog
-from appliance.settings import StationSettings
+from appliance.reporting import LogReporter, MqttReporter, config_hash
+from appliance.results_log import ResultsLog
+from appliance.settings import StationSettings, mqtt_password
 from appliance.supervisor import BackendSupervisor, EventSink
 
 log = logging.getLogger("appliance")
@@ -80,34 +84,60 @@ def supervisor_factory(settings: StationSettings, bundle: Bundle):
     return build
 
 
-class LogReporter:
-    """Results log on disk plus one log line per part: the reporter that works without any network."""
+@dataclass
+class Station:
+    """What `appliance run` starts: the pipeline, its local results log, and the MQTT side when enabled."""
 
-    def __init__(self, results: ResultsLog, echo: bool = True) -> None:
-        self.results = results
-        self.echo = echo
+    pipeline: Pipeline
+    results: ResultsLog
+    mqtt: MqttReporter | None = None
+    outbox: Outbox | None = None
 
-    def inspection(self, record: InspectionRecord) -> None:
-        self.results.add(record)
-        if self.echo:
-            score = "-" if record.score is None else f"{record.score:.4f}"
-            name = f" {record.source_name}" if record.source_name else ""
-            log.info("station=%s part=%s%s verdict=%s score=%s mode=%s backend=%s e2e=%.1fms reason=%s",
-                     record.station_id, record.part_id, name, record.verdict, score, record.mode, record.backend,
-                     record.latency_ms.get("end_to_end_ms", float("nan")), record.reason)
-
-    def event(self, kind: str, detail: dict[str, Any]) -> None:
-        self.results.event(kind, detail)
+    def close(self) -> None:
+        if self.outbox is not None:
+            self.outbox.close()
+        self.results.close()
 
 
-def build_pipeline(settings: StationSettings, reporter=None, source=None) -> tuple[Pipeline, ResultsLog]:
-    """Everything `appliance run` starts, not yet started."""
+def mqtt_link_config(settings: StationSettings) -> LinkConfig:
+    """The broker connection from the settings; ConfigError names a TLS file or password file at fault."""
+    m, s = settings.mqtt, settings.station
+    try:
+        topics = Topics(m.topic_root, s.site, s.line, s.id)
+    except ValueError as exc:
+        raise ConfigError(f"mqtt.topic_root / station: {exc}") from exc
+    if m.tls.enabled:
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(m.tls, key)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"mqtt.tls.{key} = {str(path)!r}: no such file")
+        if (m.tls.cert_file is None) != (m.tls.key_file is None):
+            raise ConfigError("mqtt.tls.cert_file and mqtt.tls.key_file go together (a client certificate and its key)")
+    return LinkConfig(
+        host=m.host, port=m.port, client_id=s.id, topics=topics, username=m.username, password=mqtt_password(settings),
+        tls=m.tls.enabled, ca_file=m.tls.ca_file, cert_file=m.tls.cert_file, key_file=m.tls.key_file,
+        keepalive_s=m.keepalive_s, reconnect_max_s=m.reconnect_max_s,
+    )
+
+
+def build_station(settings: StationSettings, reporter=None, source=None, mqtt: bool | None = None) -> Station:
+    """Everything `appliance run` starts, not yet started. `mqtt` defaults to `mqtt.enabled`."""
     from appliance.camera import open_source
 
     bundle = load_bundle(settings.model.bundle, verify=settings.model.verify_bundle)
     op = operating_point(settings, bundle)
+    link_config = mqtt_link_config(settings) if (settings.mqtt.enabled if mqtt is None else mqtt) else None
     data = settings.storage.data_dir
     results = ResultsLog(data / "results.sqlite3")
+    mqtt_reporter = outbox = None
+    if link_config is not None and reporter is None:
+        m = settings.mqtt
+        outbox = Outbox(data / "outbox.sqlite3", max_messages=m.outbox_max_messages, max_age_s=m.outbox_max_age_s)
+        reporter = mqtt_reporter = MqttReporter(
+            link_config, outbox, LogReporter(results),
+            config_fingerprint=config_hash(settings.model_dump_json()), configured_backend=settings.inference.backend,
+            triggered=settings.trigger.mode == "triggered", heartbeat_s=m.heartbeat_s, data_dir=data,
+        )
     config = PipelineConfig(
         station_id=settings.station.id, spec=bundle.metadata.preprocess, operating_point=op,
         mode=Mode(settings.decision.mode), triggered=settings.trigger.mode == "triggered",
@@ -115,22 +145,33 @@ def build_pipeline(settings: StationSettings, reporter=None, source=None) -> tup
     )
     pipeline = Pipeline(config, source or open_source(settings.camera), supervisor_factory(settings, bundle),
                         reporter or LogReporter(results))
-    return pipeline, results
+    if mqtt_reporter is not None:
+        mqtt_reporter.attach(pipeline)
+    return Station(pipeline, results, mqtt_reporter, outbox)
+
+
+def build_pipeline(settings: StationSettings, reporter=None, source=None) -> tuple[Pipeline, ResultsLog]:
+    """The pipeline and its results log alone (no MQTT): for tests and benchmarks."""
+    station = build_station(settings, reporter=reporter, source=source, mqtt=False)
+    return station.pipeline, station.results
 
 
 def run(settings: StationSettings, max_seconds: float | None = None, trigger_stdin: bool = False) -> int:
     """Run until the source ends, SIGTERM/SIGINT, or `max_seconds`; drain, record, exit 0."""
-    pipeline, results = build_pipeline(settings)
-    stop_requested = threading.Event()
+    station = build_station(settings)
+    pipeline, results = station.pipeline, station.results
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: stopping capture, finishing the parts in flight", signal.Signals(signum).name)
-        stop_requested.set()
         pipeline.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if station.mqtt is not None:
+        station.mqtt.start()  # connects in the background; until then everything waits in the outbox
     pipeline.start()
+    if station.mqtt is not None:
+        station.mqtt.pipeline_started()
     if trigger_stdin:
         threading.Thread(target=_stdin_triggers, args=(pipeline,), daemon=True, name="stdin-trigger").start()
     started = time.monotonic()
@@ -144,7 +185,12 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
     log.info("stopped: %d inspections %s, %d live frames dropped, %.1f parts/s, end-to-end p50 %.1f ms p99 %.1f ms",
              snap["inspections"], counts, pipeline.dropped, snap["throughput_per_s"], snap["end_to_end_ms_p50"],
              snap["end_to_end_ms_p99"])
-    results.close()
+    if station.mqtt is not None:
+        drained = station.mqtt.stop(settings.mqtt.drain_timeout_s)
+        if not drained:
+            log.warning("%d message(s) stay in the outbox %s for the next start", station.outbox.depth(),
+                        station.outbox.path)
+    station.close()
     return 1 if pipeline.crashed else 0
 
 

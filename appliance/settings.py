@@ -104,8 +104,18 @@ class MqttSection(_Section):
     password: SecretStr | None = None
     # A file holding the password (e.g. a systemd credential); used when `password` is not set.
     password_file: Path | None = None
+    # The broker declares the station offline 1.5 x keepalive after it went silent (15 s by default).
     keepalive_s: int = Field(10, ge=5, le=120)
-    heartbeat_s: float = Field(10.0, gt=0)
+    heartbeat_s: float = Field(10.0, ge=0.5, le=3600)
+    # Reconnect attempts start after 1 s and double up to this.
+    reconnect_max_s: float = Field(30.0, ge=0.1, le=600)
+    # The outbox (storage.data_dir/outbox.sqlite3) keeps every message until the broker acknowledged it,
+    # within these bounds; over them it drops heartbeats first, then the oldest messages, and says so.
+    outbox_max_messages: int = Field(100_000, ge=100)
+    outbox_max_age_s: float = Field(7 * 86400, ge=60)
+    # On a graceful stop, wait up to this long for the outbox to reach the broker (the rest waits for
+    # the next start). systemd's TimeoutStopSec must be longer.
+    drain_timeout_s: float = Field(10.0, ge=0, le=600)
     tls: TlsSection = TlsSection()
 
 

@@ -172,3 +172,21 @@ def test_concurrent_puts_from_four_threads_keep_every_message(tmp_path: Path) ->
     # each thread's messages stay in the order that thread put them
     for k in range(4):
         assert [m.payload for m in pending if m.topic == f"t/{k}"] == [f'{{"k": {k}, "i": {i}}}' for i in range(500)]
+
+
+def test_ack_many_deletes_in_one_go_and_ignores_unknown_ids(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.db")
+    ids = put_results(box, 1200)  # more than one 500-id chunk
+    box.mark_in_flight(ids[:1100])
+    assert box.ack_many([*ids[:1100], 10**9]) == 1100
+    assert box.depth() == 100 and box.in_flight_count() == 0
+    assert [m.id for m in box.pending(200)] == ids[1100:]
+    assert box.ack_many([]) == 0
+
+
+def test_counter_persists_across_reopen(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.db")
+    assert [box.next_counter("bd_seq") for _ in range(3)] == [0, 1, 2]
+    assert box.next_counter("other") == 0
+    box.close()
+    assert Outbox(tmp_path / "outbox.db").next_counter("bd_seq") == 3

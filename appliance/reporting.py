@@ -1,0 +1,294 @@
+"""What the station tells the control room, and the commands it takes from it.
+
+`MqttReporter` is the pipeline's reporter when MQTT is on. For every part it first writes the local
+results log (the station's own record, independent of any network), then puts the `result` (and an
+`alert` for a defect) into the outbox, from which the MQTT link publishes. Nothing here waits on the
+network: a put is one local SQLite transaction, so inspection never blocks on a broker.
+
+A monitor thread puts a `health` heartbeat into the outbox every `mqtt.heartbeat_s`, and turns what it
+observes into events: a live camera lost or back, the outbox shedding messages (overflow). Commands
+arriving from the link are validated (payloads.parse_command), de-duplicated on their message id (QoS 1
+may deliver twice, and a trigger must not inspect two parts), and applied to the pipeline; a rejected
+command changes nothing and is answered with a `command_rejected` event naming the field and reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance.decision import Mode
+from appliance.device_health import gpu_health
+from appliance.mqtt_link import LinkConfig, MqttLink
+from appliance.outbox import Outbox
+from appliance.payloads import (
+    AlertPayload,
+    BirthPayload,
+    CommandError,
+    EventPayload,
+    HealthPayload,
+    ModeCommand,
+    RebirthCommand,
+    ResultPayload,
+    TriggerCommand,
+    parse_command,
+)
+from appliance.pipeline import Pipeline
+from appliance.results_log import InspectionRecord, ResultsLog
+
+log = logging.getLogger("appliance.reporting")
+
+BOOT_ID = uuid.uuid4().hex  # one per process: a birth with a new boot id means the station restarted
+_SEEN_COMMANDS = 1024  # message ids remembered for de-duplication
+_BACKEND_EVENTS = frozenset({"gpu_lost", "gpu_back", "cpu_fallback", "backend_failed"})
+
+
+class LogReporter:
+    """Results log on disk plus one log line per part: the reporter that works without any network."""
+
+    def __init__(self, results: ResultsLog, echo: bool = True) -> None:
+        self.results = results
+        self.echo = echo
+
+    def inspection(self, record: InspectionRecord) -> None:
+        self.results.add(record)
+        if self.echo:
+            score = "-" if record.score is None else f"{record.score:.4f}"
+            name = f" {record.source_name}" if record.source_name else ""
+            log.info("station=%s part=%s%s verdict=%s score=%s mode=%s backend=%s e2e=%.1fms reason=%s",
+                     record.station_id, record.part_id, name, record.verdict, score, record.mode, record.backend,
+                     record.latency_ms.get("end_to_end_ms", float("nan")), record.reason)
+
+    def event(self, kind: str, detail: dict[str, Any]) -> None:
+        self.results.event(kind, detail)
+
+
+def config_hash(settings_json: str) -> str:
+    """A short, stable fingerprint of the effective configuration (secrets excluded by the caller)."""
+    return hashlib.sha256(settings_json.encode()).hexdigest()[:16]
+
+
+class MqttReporter:
+    """Results log + outbox + heartbeats + commands. Create, `attach(pipeline)`, `start()`, ..., `stop()`."""
+
+    def __init__(
+        self,
+        link_config: LinkConfig,
+        outbox: Outbox,
+        local: LogReporter,
+        *,
+        config_fingerprint: str,
+        configured_backend: str,
+        triggered: bool,
+        heartbeat_s: float = 10.0,
+        data_dir: Path = Path("."),
+        sysfs: Path = Path("/sys"),
+    ) -> None:
+        self.topics = link_config.topics
+        self.station = link_config.client_id
+        self.outbox = outbox
+        self.local = local
+        self.link = MqttLink(link_config, outbox, self._birth, self.on_command)
+        self._config_fingerprint = config_fingerprint
+        self._configured_backend = configured_backend
+        self._triggered = triggered
+        self._heartbeat_s = heartbeat_s
+        self._data_dir = data_dir
+        self._sysfs = sysfs
+        self._pipeline: Pipeline | None = None
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._camera_connected: bool | None = None
+        self._birth_backend: str | None = None  # what the last birth said (set on the link thread)
+        self.last_error: str | None = None
+        self.started = time.monotonic()
+
+    def attach(self, pipeline: Pipeline) -> None:
+        """The pipeline this reporter serves (it is built with the reporter, so it comes second)."""
+        self._pipeline = pipeline
+
+    def start(self) -> None:
+        self.link.start()
+        self._monitor = threading.Thread(target=self._monitor_loop, name="mqtt-monitor", daemon=True)
+        self._monitor.start()
+
+    def pipeline_started(self) -> None:
+        """The backend is up: if a birth already went out naming none, send it again with the real one."""
+        reported = self._birth_backend
+        if reported is not None and self._pipeline is not None and reported != self._pipeline.backend_name:
+            self.link.request_rebirth()
+
+    def stop(self, drain_timeout_s: float = 10.0) -> bool:
+        """A last heartbeat, then drain the outbox to the broker (bounded). True when nothing is left behind."""
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(5)
+        self._put_health()
+        return self.link.stop(drain_timeout_s)
+
+    # --- the pipeline's Reporter interface (decide thread, inference thread) ------------------------------
+    def inspection(self, record: InspectionRecord) -> None:
+        self.local.inspection(record)  # the local record first: it needs no network and no outbox
+        result = ResultPayload.from_record(record, self.station)
+        messages = [("result", result.model_dump_json())]
+        if record.verdict == "fail":
+            alert = AlertPayload(station=self.station, ts_ms=result.ts_ms, part_id=record.part_id,
+                                 inspection_id=record.inspection_id, score=record.score, verdict="fail")
+            messages.append(("alert", alert.model_dump_json()))
+        for kind, payload in messages:
+            self._put(kind, payload)
+
+    def event(self, kind: str, detail: dict[str, Any]) -> None:
+        self.local.event(kind, detail)
+        self._put("event", EventPayload(station=self.station, kind=kind, detail=detail).model_dump_json())
+        if kind in _BACKEND_EVENTS:
+            self.link.request_rebirth()  # the birth names the backend: keep it true
+
+    # --- commands (link thread) ------------------------------------------------------------------------------
+    def on_command(self, kind: str, payload: bytes, retained: bool) -> None:
+        message_id = None
+        if not payload.strip() and kind != "cmd/rebirth":
+            # An empty message is how MQTT clears a retained one; it carries no command to refuse.
+            log.info("empty %s message ignored (a retained command being cleared)", kind)
+            return
+        try:
+            if retained:
+                # A retained command would be re-applied on every reconnect: refuse it outright.
+                raise CommandError(kind, "(message)", "retained commands are refused; publish without the "
+                                   "retain flag (and clear it: mosquitto_pub -r -n -t <topic>)")
+            command = parse_command(kind, payload)
+            message_id = command.message_id
+            if message_id is not None and self._already_seen(message_id):
+                log.info("command %s %s already applied; duplicate ignored", kind, message_id)
+                return
+            self._apply(kind, command)
+        except CommandError as exc:
+            log.warning("command rejected: %s", exc)
+            self.event("command_rejected", {"command": kind, "field": exc.field, "reason": exc.reason,
+                                            "command_message_id": message_id})
+
+    def _apply(self, kind: str, command: TriggerCommand | ModeCommand | RebirthCommand) -> None:
+        pipeline = self._pipeline
+        if isinstance(command, RebirthCommand):
+            self.link.request_rebirth()
+            return
+        if pipeline is None:
+            raise CommandError(kind, "(station)", "the station is still starting")
+        if isinstance(command, TriggerCommand):
+            if not self._triggered:
+                raise CommandError(kind, "part_id", "this station inspects continuously (trigger.mode = "
+                                   "\"continuous\"); triggers are accepted only with trigger.mode = \"triggered\"")
+            pipeline.trigger(command.part_id)
+            log.info("trigger for part %s", command.part_id)
+        elif isinstance(command, ModeCommand):
+            pipeline.set_mode(Mode(command.mode))  # the pipeline reports mode_changed itself
+
+    def _already_seen(self, message_id: str) -> bool:
+        with self._seen_lock:
+            if message_id in self._seen:
+                return True
+            self._seen[message_id] = None
+            while len(self._seen) > _SEEN_COMMANDS:
+                self._seen.popitem(last=False)
+            return False
+
+    # --- birth, health, monitor --------------------------------------------------------------------------------
+    def _birth(self, bd_seq: int) -> BirthPayload:
+        p = self._pipeline
+        self._birth_backend = p.backend_name if p else "none"
+        cameras = [p.source.state().source] if p is not None and hasattr(p.source, "state") else []
+        return BirthPayload(
+            station=self.station, software_version=__version__, model_id=p.model_id if p else "",
+            backend=p.backend_name if p else "none", config_hash=self._config_fingerprint, cameras=cameras,
+            boot_id=BOOT_ID, bd_seq=bd_seq,
+        )
+
+    def health(self) -> HealthPayload:
+        """The heartbeat as of now."""
+        p = self._pipeline
+        snap = p.stats.snapshot() if p is not None else {"inspections": 0, "verdicts": {}, "throughput_per_s": 0.0}
+        camera = asdict(p.source.state()) if p is not None and hasattr(p.source, "state") else {}
+        try:
+            disk_free_mb: float | None = shutil.disk_usage(self._data_dir).free / 2**20
+        except OSError:
+            disk_free_mb = None
+        link = self.link.state()
+        errors = [e for e in (p.last_error if p else None, self.last_error, link.last_error) if e]
+        return HealthPayload(
+            station=self.station,
+            mode=(p.mode.value if p else "production"),  # type: ignore[arg-type]
+            backend=p.backend_name if p else "none",
+            uptime_s=round(time.monotonic() - self.started, 3),
+            inspections=snap["inspections"],
+            defects=snap["verdicts"].get("fail", 0),
+            verdicts=snap["verdicts"],
+            dropped=p.dropped if p else 0,
+            throughput_per_s=round(snap["throughput_per_s"], 3),
+            latency_p50_ms=snap.get("end_to_end_ms_p50"),
+            latency_p99_ms=snap.get("end_to_end_ms_p99"),
+            camera=camera,
+            gpu=gpu_health(self._configured_backend, p.backend_name if p else "none", self._sysfs),
+            spool_depth=self.outbox.depth(),
+            spool_oldest_age_s=self.outbox.oldest_age_s(),
+            disk_free_mb=None if disk_free_mb is None else round(disk_free_mb, 1),
+            mqtt=link.as_dict(),
+            last_error=errors[0] if errors else None,
+        )
+
+    def _monitor_loop(self) -> None:
+        next_beat = time.monotonic()  # the first heartbeat right away: a dashboard need not wait 10 s
+        while not self._stop.wait(0.25):
+            try:
+                self._watch_camera()
+                self._report_shedding()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self._heartbeat_s
+                    self._put_health()
+            except Exception:  # the monitor must outlive any one bad reading
+                log.exception("station monitor failed; continuing")
+
+    def _put_health(self) -> None:
+        self._put("health", self.health().model_dump_json())
+
+    def _watch_camera(self) -> None:
+        p = self._pipeline
+        if p is None or not getattr(p.source, "live", False):
+            return  # files and folders do not disconnect
+        state = p.source.state()
+        if self._camera_connected is None:
+            self._camera_connected = state.connected
+        elif state.connected != self._camera_connected:
+            self._camera_connected = state.connected
+            if state.connected:
+                self.event("camera_back", {"source": state.source, "reconnects": state.reconnects})
+            else:
+                self.event("camera_lost", {"source": state.source, "error": state.last_error})
+
+    def _report_shedding(self) -> None:
+        shed = self.outbox.take_shed_counts()
+        if shed:
+            log.error("outbox full or too old: dropped %s; the broker has been unreachable too long", shed)
+            self.event("spool_overflow", {"shed": shed, "depth": self.outbox.depth(),
+                                          "max_messages": self.outbox.max_messages,
+                                          "max_age_s": self.outbox.max_age_s})
+
+    def _put(self, kind: str, payload: str) -> None:
+        try:
+            self.outbox.put(self.topics.of(kind), payload, 1, kind)
+        except Exception as exc:  # e.g. disk full: keep inspecting, say why reports are missing
+            self.last_error = f"outbox write failed: {exc}"
+            log.error("could not store a %s message in the outbox %s: %s", kind, self.outbox.path, exc)
+            return
+        self.link.notify()
+

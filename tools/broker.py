@@ -1,0 +1,184 @@
+"""A real Mosquitto on a free loopback port, for the tests, `make demo` and `make bench`.
+
+Not part of the station: a station talks to the plant's broker (see provisioning/mosquitto/). This starts
+`mosquitto -c <generated conf>` from the Debian package, waits until the port accepts, and can stop and
+restart it on the same port to inject an outage. Optional password file, ACL file, TLS listener and
+persistence, so the same helper covers the authentication and TLS tests.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MOSQUITTO_HINT = "install the Debian package: apt-get install mosquitto mosquitto-clients (make test does it as root)"
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary (Debian puts it in /usr/sbin, often not on a user's PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+    require_client_cert: bool = False
+
+
+@dataclass
+class MosquittoBroker:
+    """One broker instance in `folder`; `start()`, `stop()`, `restart()`, or use it as a context manager."""
+
+    folder: Path
+    port: int = field(default_factory=free_port)
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    tls: TlsFiles | None = None
+    persistence: bool = False
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "mosquitto.log"
+
+    def config_text(self) -> str:
+        lines = [f"listener {self.port} 127.0.0.1"]
+        if self.tls is not None:
+            lines += [f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}",
+                      f"require_certificate {'true' if self.tls.require_client_cert else 'false'}"]
+        if self.password_file is not None:
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+        else:
+            lines += ["allow_anonymous true"]
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
+        lines += [
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.folder}/",
+            f"log_dest file {self.log_path}",
+            "log_type error", "log_type warning", "log_type notice", "log_type information",
+            "connection_messages true",
+            # Started as root, mosquitto switches to the `mosquitto` user and then cannot read a test's files.
+            f"user {getpass.getuser()}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
+        binary = find_mosquitto()
+        if binary is None:
+            raise RuntimeError(f"mosquitto is not installed: {MOSQUITTO_HINT}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        conf = self.folder / "mosquitto.conf"
+        conf.write_text(self.config_text())
+        self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                      stderr=open(self.folder / "stderr.log", "ab"))  # noqa: SIM115 - kept by the child
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self._proc.returncode} on port {self.port}: "
+                                   f"{self._tail()}")
+            if port_accepts(self.port):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not accept connections on port {self.port} within {timeout} s")
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the broker (SIGTERM, or SIGKILL to simulate a crash) and wait until the port is closed."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _tail(self, n: int = 10) -> str:
+        texts = []
+        for path in (self.folder / "stderr.log", self.log_path):
+            if path.exists():
+                texts += path.read_text(errors="replace").splitlines()[-n:]
+        return " | ".join(texts) or "(no output)"
+
+    def __enter__(self) -> MosquittoBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def write_password_file(path: Path, users: dict[str, str]) -> Path:
+    """A Mosquitto password file made by mosquitto_passwd (hashed, as the broker expects)."""
+    tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    path.unlink(missing_ok=True)
+    for i, (user, password) in enumerate(users.items()):
+        args = [tool, "-b"] + (["-c"] if i == 0 else []) + [str(path), user, password]
+        subprocess.run(args, check=True, capture_output=True)
+    path.chmod(0o600)
+    return path
+
+
+def make_test_pki(folder: Path, days: int = 2) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1/localhost and a client certificate (openssl CLI).
+
+    For tests and demos only: a plant's certificates come from its own PKI (provisioning/README.md).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", str(days),
+        "-subj", "/CN=test-ca")
+    exts = {"server": "subjectAltName=IP:127.0.0.1,DNS:localhost", "client": "extendedKeyUsage=clientAuth"}
+    for name, ext in exts.items():
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        (folder / f"{name}.ext").write_text(ext + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", str(days), "-extfile", f"{name}.ext")
+    # A second CA the server does not use: a station trusting only it must fail the handshake.
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other-ca.key", "-out", "other-ca.crt",
+        "-days", str(days), "-subj", "/CN=other-ca")
+    return {name: folder / name for name in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key",
+                                             "other-ca.crt")}

@@ -19,6 +19,7 @@ ELPV_EPOCHS ?= 30
 
 help:
 	@echo "make demo             train a small model on synthetic parts, export a bundle, run the station on sample frames (CPU)"
+	@echo "                      reporting to a local Mosquitto, and print what the control room receives"
 	@echo "make test             run the test suite"
 	@echo "make train DATA=DIR   train on your parts (DIR/ok, DIR/defect) into RUN=$(RUN)"
 	@echo "make export           RUN -> model bundle BUNDLE=$(BUNDLE) (FP32 + INT8 Q/DQ + FP16 ONNX)"
@@ -37,17 +38,32 @@ $(VENV)/.stamp-bench: $(VENV)/.stamp-base
 	$(PIP) install -q -e ".[cpu,train,dev,bench]"
 	@touch $@
 
+# Debian packages: Mosquitto for the MQTT tests and the demo broker (never for the station itself, which
+# talks to the plant's broker), openssl for the TLS tests' certificates. Installed only when run as root.
+SYSTEM_PACKAGES := mosquitto mosquitto-clients openssl
+.PHONY: system-packages
+system-packages:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(SYSTEM_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(SYSTEM_PACKAGES) >/dev/null; \
+	else \
+		echo "note: mosquitto is not installed and this is not root: MQTT tests skip, the demo runs on the outbox alone"; \
+		echo "      (sudo apt-get install $(SYSTEM_PACKAGES))"; \
+	fi
+
 # --- the two commands ---------------------------------------------------------------------------
-demo: $(VENV)/.stamp-base
+demo: $(VENV)/.stamp-base system-packages
 	$(PY) -m training --dataset synthetic --synthetic-ok 240 --synthetic-defect 160 --synthetic-severity 4 \
 		--input-size 160 --epochs 10 --patience 10 --target-recall 0.8 --out runs/demo --quiet
 	$(PY) -m export --run runs/demo --out artifacts/demo-bundle --calibration-images 64 --golden-images 16
 	rm -rf artifacts/demo-frames artifacts/demo-var
 	$(PY) -m training.synthetic --out artifacts/demo-frames --frames 24 --severity 4 --seed 4242
 	$(VENV)/bin/appliance show-bundle artifacts/demo-bundle
-	$(VENV)/bin/appliance run --config provisioning/demo-station.toml
+	$(PY) -m tools.demo_station --config provisioning/demo-station.toml
 
-test: $(VENV)/.stamp-base
+test: $(VENV)/.stamp-base system-packages
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.stamp-base
@@ -68,11 +84,13 @@ train-elpv: $(VENV)/.stamp-bench
 augment-preview: $(VENV)/.stamp-base
 	$(PY) -m training.augment --out artifacts/augment_preview.png
 
-# CPU benchmark: bare ONNX Runtime vs the appliance pipeline vs a naive PyTorch loop (artifacts/bench/bench.json).
-# Extra options: make bench BENCH_ARGS="--frames 100"
+# CPU benchmark: bare ONNX Runtime vs the appliance pipeline vs a naive PyTorch loop (artifacts/bench/bench.json),
+# then MQTT reporting to a local Mosquitto: sustained results/s and the drain of a 10,000-result outbox
+# (artifacts/bench/mqtt.json). Extra options: make bench BENCH_ARGS="--frames 100" BENCH_MQTT_ARGS="--drain 1000"
 .PHONY: bench
-bench: $(VENV)/.stamp-base
+bench: $(VENV)/.stamp-base system-packages
 	$(PY) -m tools.bench $(BENCH_ARGS)
+	$(PY) -m tools.bench.mqtt $(BENCH_MQTT_ARGS)
 
 clean:
 	rm -rf runs/demo artifacts/demo-bundle artifacts/demo-frames artifacts/demo-var

@@ -89,6 +89,7 @@ class MqttReporter:
         config_fingerprint: str,
         configured_backend: str,
         triggered: bool,
+        model_id: str = "",
         heartbeat_s: float = 10.0,
         data_dir: Path = Path("."),
         sysfs: Path = Path("/sys"),
@@ -100,6 +101,9 @@ class MqttReporter:
         self.link = MqttLink(link_config, outbox, self._birth, self.on_command)
         self._config_fingerprint = config_fingerprint
         self._configured_backend = configured_backend
+        self._model_id = model_id
+        self._pipeline_started = False
+        self._birth_lock = threading.Lock()
         self._triggered = triggered
         self._heartbeat_s = heartbeat_s
         self._data_dir = data_dir
@@ -124,9 +128,11 @@ class MqttReporter:
         self._monitor.start()
 
     def pipeline_started(self) -> None:
-        """The backend is up: if a birth already went out naming none, send it again with the real one."""
-        reported = self._birth_backend
-        if reported is not None and self._pipeline is not None and reported != self._pipeline.backend_name:
+        """The backend is up: if a birth already went out saying `starting`, send it again naming the backend."""
+        with self._birth_lock:  # against a birth being built on the link thread right now
+            self._pipeline_started = True
+            rebirth = self._birth_backend == "starting"
+        if rebirth:
             self.link.request_rebirth()
 
     def stop(self, drain_timeout_s: float = 10.0) -> bool:
@@ -206,12 +212,14 @@ class MqttReporter:
     # --- birth, health, monitor --------------------------------------------------------------------------------
     def _birth(self, bd_seq: int) -> BirthPayload:
         p = self._pipeline
-        self._birth_backend = p.backend_name if p else "none"
+        # Before the pipeline's backend is up the birth says `starting`; pipeline_started() sends another.
+        with self._birth_lock:
+            backend = p.backend_name if p is not None and self._pipeline_started else "starting"
+            self._birth_backend = backend
         cameras = [p.source.state().source] if p is not None and hasattr(p.source, "state") else []
         return BirthPayload(
-            station=self.station, software_version=__version__, model_id=p.model_id if p else "",
-            backend=p.backend_name if p else "none", config_hash=self._config_fingerprint, cameras=cameras,
-            boot_id=BOOT_ID, bd_seq=bd_seq,
+            station=self.station, software_version=__version__, model_id=(p.model_id if p else "") or self._model_id,
+            backend=backend, config_hash=self._config_fingerprint, cameras=cameras, boot_id=BOOT_ID, bd_seq=bd_seq,
         )
 
     def health(self) -> HealthPayload:

@@ -136,7 +136,8 @@ def build_station(settings: StationSettings, reporter=None, source=None, mqtt: b
         reporter = mqtt_reporter = MqttReporter(
             link_config, outbox, LogReporter(results),
             config_fingerprint=config_hash(settings.model_dump_json()), configured_backend=settings.inference.backend,
-            triggered=settings.trigger.mode == "triggered", heartbeat_s=m.heartbeat_s, data_dir=data,
+            triggered=settings.trigger.mode == "triggered", model_id=bundle.model_id, heartbeat_s=m.heartbeat_s,
+            data_dir=data,
         )
     config = PipelineConfig(
         station_id=settings.station.id, spec=bundle.metadata.preprocess, operating_point=op,

@@ -145,3 +145,21 @@ def test_each_case_reports_its_median_run_whole():
 def test_bundle_without_its_training_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["--bundle", str(tmp_path), "--out-dir", str(tmp_path)]) == 1
     assert "--bundle and --run go together" in capsys.readouterr().err
+
+
+def test_mqtt_bench_delivers_every_result_and_reports_both_measurements(tmp_path: Path):
+    from tools.broker import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed: apt-get install mosquitto (make test does it as root)")
+    out = tmp_path / "mqtt.json"
+    proc = subprocess.run([sys.executable, "-m", "tools.bench.mqtt", "--results", "40", "--drain", "120",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    s, d = report["sustained"], report["drain"]
+    assert s["results"] == s["received"] == 40 and s["all_delivered"] is True
+    assert d["results"] == d["received"] == 120 and d["all_delivered"] is True
+    assert _finite_positive(s["results_per_s"]) and _finite_positive(d["results_per_s"])
+    assert 0 < s["reporter_call_ms"]["p50"] <= s["reporter_call_ms"]["p99"] <= s["reporter_call_ms"]["max"]
+    assert "sustained:" in proc.stdout and "drain:" in proc.stdout

@@ -461,3 +461,36 @@ def test_plain_listener_refusing_tcp_is_reported_with_host_and_port(tmp_path: Pa
         assert f"mqtt://127.0.0.1:{port} refused the TCP connection" in station.mqtt.link.state().last_error
     finally:
         stop_station(station, drain_s=0)
+
+
+def test_the_shipped_broker_config_and_acl_serve_a_station_over_tls_with_a_password(
+        tmp_path: Path, bundle_dir: Path, pki: dict[str, Path]):
+    """provisioning/mosquitto/mosquitto.conf as shipped, only its paths and port moved into a temporary folder."""
+    import getpass
+
+    from tools.broker import free_port
+
+    etc = tmp_path / "etc"
+    (etc / "certs").mkdir(parents=True)
+    for name in ("ca.crt", "server.crt", "server.key"):
+        (etc / "certs" / name).write_bytes(pki[name].read_bytes())
+    (etc / "acl.conf").write_text(ACL.read_text())
+    write_password_file(etc / "passwd", {"st-tls": "pw", "dashboard": "view"})
+    port = free_port()
+    shipped = (REPO / "provisioning" / "mosquitto" / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in shipped and "listener 8883" in shipped
+    conf = (shipped.replace("/etc/mosquitto/", f"{etc}/").replace("/var/lib/mosquitto/", f"{tmp_path}/")
+            .replace("listener 8883", f"listener {port} 127.0.0.1")
+            .replace("log_dest syslog", f"log_dest file {tmp_path / 'mosquitto.log'}"))
+    conf += f"user {getpass.getuser()}\n"
+    with MosquittoBroker(tmp_path / "broker", port=port, config=conf):
+        dashboard = Subscriber(port, client_id="dash", username="dashboard", password="view", ca_file=pki["ca.crt"])
+        station = start_station(station_settings(tmp_path, bundle_dir, port, station_id="st-tls", mqtt={
+            "username": "st-tls", "password": "pw", "tls": {"enabled": True, "ca_file": str(pki["ca.crt"])}}))
+        try:
+            _trigger(station, ["TLS-1"])
+            assert dashboard.wait_for(lambda: dashboard.of("result", "st-tls"), 10)
+            assert dashboard.of("result", "st-tls")[0].payload["part_id"] == "TLS-1"
+        finally:
+            stop_station(station)
+            dashboard.close()

@@ -64,6 +64,8 @@ class MosquittoBroker:
     acl_file: Path | None = None
     tls: TlsFiles | None = None
     persistence: bool = False
+    # A complete configuration to use instead of the generated one (it must listen on `port`).
+    config: str | None = None
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,6 +89,9 @@ class MosquittoBroker:
             f"log_dest file {self.log_path}",
             "log_type error", "log_type warning", "log_type notice", "log_type information",
             "connection_messages true",
+            # As provisioning/mosquitto/mosquitto.conf: Mosquitto's default (1000 queued per client) silently
+            # drops QoS 1 messages for a subscriber that falls behind a station replaying its outbox.
+            "max_queued_messages 100000",
             # Started as root, mosquitto switches to the `mosquitto` user and then cannot read a test's files.
             f"user {getpass.getuser()}",
         ]
@@ -98,7 +103,7 @@ class MosquittoBroker:
             raise RuntimeError(f"mosquitto is not installed: {MOSQUITTO_HINT}")
         self.folder.mkdir(parents=True, exist_ok=True)
         conf = self.folder / "mosquitto.conf"
-        conf.write_text(self.config_text())
+        conf.write_text(self.config if self.config is not None else self.config_text())
         self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                       stderr=open(self.folder / "stderr.log", "ab"))  # noqa: SIM115 - kept by the child
         deadline = time.monotonic() + timeout

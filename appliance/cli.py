@@ -27,11 +27,18 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from appliance.settings import load_settings
 
     settings = load_settings(args.file)
+    mqtt_line = "off"
+    if settings.mqtt.enabled:
+        from appliance.runtime import mqtt_link_config
+
+        link = mqtt_link_config(settings)  # TLS and password files must exist: ConfigError names the key
+        login = f" as {link.username}" if link.username else ""
+        mqtt_line = f"{link.broker}{login}  topics {link.topics.prefix}/..."
     print(f"{args.file}: OK")
     print(f"  station  {settings.station.site}/{settings.station.line}/{settings.station.id}")
     print(f"  model    {settings.model.bundle}  backend={settings.inference.backend}")
     print(f"  camera   {settings.camera.source}  trigger={settings.trigger.mode}")
-    print(f"  mqtt     {'off' if not settings.mqtt.enabled else f'{settings.mqtt.host}:{settings.mqtt.port}'}")
+    print(f"  mqtt     {mqtt_line}")
     return 0
 
 

@@ -113,7 +113,7 @@ class MqttReporter:
         self._seen_lock = threading.Lock()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
-        self._camera_connected: bool | None = None
+        self._camera: tuple[bool, int] | None = None  # (connected, reconnects) at the last look
         self._birth_backend: str | None = None  # what the last birth said (set on the link thread)
         self.last_error: str | None = None
         self.started = time.monotonic()
@@ -274,14 +274,20 @@ class MqttReporter:
         if p is None or not getattr(p.source, "live", False):
             return  # files and folders do not disconnect
         state = p.source.state()
-        if self._camera_connected is None:
-            self._camera_connected = state.connected
-        elif state.connected != self._camera_connected:
-            self._camera_connected = state.connected
-            if state.connected:
-                self.event("camera_back", {"source": state.source, "reconnects": state.reconnects})
-            else:
-                self.event("camera_lost", {"source": state.source, "error": state.last_error})
+        # The reconnect counter catches an outage shorter than this poll, which `connected` alone would miss.
+        if self._camera is None:
+            was_connected, seen_reconnects = True, state.reconnects
+        else:
+            was_connected, seen_reconnects = self._camera
+        self._camera = (state.connected, state.reconnects)
+        back = state.reconnects > seen_reconnects
+        lost = {"source": state.source, "error": state.last_error}
+        if was_connected and (back or not state.connected):
+            self.event("camera_lost", lost)
+        if back or (not was_connected and state.connected):
+            self.event("camera_back", {"source": state.source, "reconnects": state.reconnects})
+        if back and not state.connected:
+            self.event("camera_lost", lost)  # gone again since it came back
 
     def _report_shedding(self) -> None:
         shed = self.outbox.take_shed_counts()

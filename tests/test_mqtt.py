@@ -494,3 +494,30 @@ def test_the_shipped_broker_config_and_acl_serve_a_station_over_tls_with_a_passw
         finally:
             stop_station(station)
             dashboard.close()
+
+
+def test_a_live_camera_that_goes_away_and_comes_back_is_reported(
+        tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker, control_room: Subscriber):
+    from test_camera import FlakyCamera, live_camera, write_clip
+
+    clip = write_clip(tmp_path, 30)
+    # Plays 30 frames, vanishes (three reopen attempts fail), comes back, plays, then stays gone.
+    camera = FlakyCamera(clip, fps=60.0, script=["play", "fail", "fail", "fail", "play"])
+    settings = station_settings(tmp_path, bundle_dir, broker.port, trigger={"mode": "continuous"})
+    station = build_station(settings, source=live_camera(camera))
+    station.mqtt.start()
+    assert station.mqtt.link.wait_connected(10)
+    station.pipeline.start()
+    station.mqtt.pipeline_started()
+    try:
+        def kinds() -> list[str]:
+            return [m.payload["kind"] for m in control_room.of("event") if m.payload["kind"].startswith("camera_")]
+
+        assert control_room.wait_for(lambda: kinds()[:3] == ["camera_lost", "camera_back", "camera_lost"], 20), kinds()
+        events = [m.payload for m in control_room.of("event") if m.payload["kind"].startswith("camera_")]
+        assert "rtsp://10.0.0.5/stream1" in events[0]["detail"]["source"] and events[0]["detail"]["error"]
+        assert events[1]["detail"]["reconnects"] == 1
+        health = control_room.of("health")[-1].payload
+        assert health["camera"]["kind"] == "url" and "last_frame_age_s" in health["camera"]
+    finally:
+        stop_station(station)

@@ -195,3 +195,12 @@ def test_json_schemas_are_written_for_every_model(tmp_path: Path) -> None:
 def test_schema_export_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--out", str(tmp_path)]) == 0
     assert len(capsys.readouterr().out.splitlines()) == len(PAYLOAD_MODELS)
+
+
+def test_checked_in_schemas_match_the_models(tmp_path: Path) -> None:
+    """docs/schemas is what dashboard authors read: regenerate it (python -m appliance.payloads) on any change."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "schemas"
+    for path in write_json_schemas(tmp_path):
+        shipped = docs / path.name
+        assert shipped.is_file(), f"{shipped} missing: run python -m appliance.payloads --out docs/schemas"
+        assert shipped.read_text() == path.read_text(), f"{shipped} is stale: run python -m appliance.payloads"

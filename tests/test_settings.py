@@ -99,3 +99,18 @@ def test_help_explains_the_commands(capsys: pytest.CaptureFixture[str]):
     out = capsys.readouterr().out
     for command in ("check-config", "show-bundle", "classify"):
         assert command in out
+
+
+def test_check_config_names_a_missing_tls_or_password_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    tls = _write(tmp_path, GOOD + f'[mqtt.tls]\nenabled = true\nca_file = "{tmp_path / "ca.crt"}"\n')
+    assert main(["check-config", str(tls)]) == 2
+    captured = capsys.readouterr()
+    assert "mqtt.tls.ca_file" in captured.err and "ca.crt" in captured.err and "OK" not in captured.out
+    pw = _write(tmp_path, GOOD + f'password_file = "{tmp_path / "missing-pw"}"\n')
+    assert main(["check-config", str(pw)]) == 2
+    assert "mqtt.password_file" in capsys.readouterr().err
+
+
+def test_check_config_shows_the_broker_and_topic_prefix(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["check-config", str(_write(tmp_path, GOOD))]) == 0
+    assert "mqtt://broker.plant:8883 as st-07  topics inspection/plant-a/l3/st-07/..." in capsys.readouterr().out

@@ -24,6 +24,8 @@ help:
 	@echo "make train DATA=DIR   train on your parts (DIR/ok, DIR/defect) into RUN=$(RUN)"
 	@echo "make export           RUN -> model bundle BUNDLE=$(BUNDLE) (FP32 + INT8 Q/DQ + FP16 ONNX)"
 	@echo "make train-elpv       the ELPV benchmark training + export (report in $(ELPV_RUN)/report)"
+	@echo "make engine BUNDLE=DIR PRECISION=fp16|int8|fp32 [DLA_CORE=0] [MAX_BATCH=N] [WORKSPACE_MB=1024] [FORCE=1]"
+	@echo "                      build + validate + install a TensorRT engine for this device (on the Jetson)"
 	@echo "make augment-preview  artifacts/augment_preview.png: each production-condition transform"
 	@echo "make lint             ruff"
 
@@ -32,6 +34,13 @@ $(VENV)/.stamp-base: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e ".[cpu,train,dev]"
+	@touch $@
+
+# The station's runtime alone (what a Jetson needs): no torch. On a Jetson provisioning/install-jetpack6.sh
+# creates .venv with --system-site-packages first, so JetPack's TensorRT and OpenCV are seen.
+$(VENV)/.stamp-runtime: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PIP) install -q -e ".[cpu]"
 	@touch $@
 
 $(VENV)/.stamp-bench: $(VENV)/.stamp-base
@@ -80,6 +89,16 @@ train-elpv: $(VENV)/.stamp-bench
 	$(PY) -m training --dataset elpv --out $(ELPV_RUN) --epochs $(ELPV_EPOCHS) --backbone efficientnet_lite0 \
 		--input-size 300 --balance sampler --augment mild --target-recall 0.9 --patience 10
 	$(PY) -m export --run $(ELPV_RUN) --out $(ELPV_BUNDLE)
+
+# TensorRT engine for THIS device, validated and installed into ENGINE_STORE (run it on the Jetson).
+PRECISION ?= fp16
+ENGINE_STORE ?= engines/store
+WORKSPACE_MB ?= 1024
+ENGINE_ARGS = --bundle $(BUNDLE) --precision $(PRECISION) --store $(ENGINE_STORE) --workspace-mb $(WORKSPACE_MB) \
+	$(if $(DLA_CORE),--dla-core $(DLA_CORE)) $(if $(MAX_BATCH),--max-batch $(MAX_BATCH)) $(if $(FORCE),--force)
+.PHONY: engine
+engine: $(VENV)/.stamp-runtime
+	$(PY) -m engines build $(ENGINE_ARGS)
 
 augment-preview: $(VENV)/.stamp-base
 	$(PY) -m training.augment --out artifacts/augment_preview.png

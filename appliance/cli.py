@@ -113,6 +113,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run(settings, max_seconds=args.max_seconds, trigger_stdin=args.trigger_stdin)
 
 
+def _cmd_engine(args: argparse.Namespace) -> int:
+    from engines.__main__ import main as engines_main
+
+    return engines_main(args.engine_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appliance", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -136,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trigger.mode=triggered: read one part id per line from standard input")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("engine", help="build / list TensorRT engines for this device (as python -m engines)",
+                       description="Same as `python -m engines`: build (and validate) a TensorRT engine from a bundle "
+                       "on this device, list the engines in the store, or show a build plan. "
+                       "`appliance engine build --help` for the options.", add_help=False)
+    p.add_argument("engine_args", nargs=argparse.REMAINDER, help="build | list | plan, and their options")
+    p.set_defaults(func=_cmd_engine)
 
     p = sub.add_parser("show-bundle", help="verify a model bundle and print what it holds",
                        description="Check every file of a model bundle against its sha256 and print the "

@@ -105,6 +105,15 @@ def device_identity(device_index: int = 0) -> tuple[str, str]:
         return device.name(), f"{major}.{minor}"
 
 
+def driver_cuda_version() -> str:
+    """The CUDA version the installed driver supports, e.g. "12.6" (for engine manifests)."""
+    cuda = _driver()
+    with _cuda_call("driver version query"):
+        cuda.init()
+        version = int(cuda.get_driver_version())  # e.g. 12060
+    return f"{version // 1000}.{(version % 1000) // 10}"
+
+
 class _ThreadBound:
     """Base of every resource: remembers the creating thread and refuses CUDA work from another one."""
 

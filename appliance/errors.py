@@ -65,3 +65,9 @@ class CameraError(ApplianceError):
     """The camera source cannot be opened or stopped delivering frames."""
 
     exit_code = 8
+
+
+class EngineBuildError(ApplianceError):
+    """A TensorRT engine could not be built or failed its validation: nothing was installed."""
+
+    exit_code = 9

@@ -26,6 +26,7 @@ from appliance.reporting import LogReporter, MqttReporter, config_hash
 from appliance.results_log import ResultsLog
 from appliance.settings import StationSettings, mqtt_password
 from appliance.supervisor import BackendSupervisor, EventSink
+from engines.manifest import DeviceInfo
 
 log = logging.getLogger("appliance")
 SLOTS = 3  # two for double buffering between preprocess and inference, one spare for the inference thread
@@ -43,23 +44,34 @@ def operating_point(settings: StationSettings, bundle: Bundle) -> OperatingPoint
         raise ConfigError(f"decision: threshold {threshold} with band [{low}, {high}]: {exc}") from exc
 
 
-def find_engine(settings: StationSettings, bundle: Bundle) -> Path:
-    """The engine built on this device for this bundle and precision (by its manifest)."""
-    from engines.manifest import load_manifest, manifest_path
+def find_engine(settings: StationSettings, bundle: Bundle, device: DeviceInfo | None = None) -> Path:
+    """The engine built on this device for this bundle and precision (by its manifest).
+
+    Several may match (an engine from before a JetPack upgrade stays until removed): the one that fits
+    `device` wins, else the newest, which the backend then refuses with the reason.
+    """
+    from engines.manifest import incompatibilities, load_manifest, manifest_path
 
     folder = settings.model.engine_dir
-    candidates = sorted(folder.glob("*.engine")) if folder.is_dir() else []
-    for engine in candidates:
+    matching = []
+    for engine in sorted(folder.glob("*.engine")) if folder.is_dir() else []:
         try:
             m = load_manifest(manifest_path(engine))
         except GpuUnavailableError:
             continue
-        if m.bundle_model_id == bundle.model_id and m.precision == settings.inference.precision:
-            return engine
-    raise GpuUnavailableError(
-        f"no {settings.inference.precision} engine for model {bundle.model_id} in {folder}",
-        hint="build it on this device: make engine BUNDLE=... PRECISION=...",
-    )
+        if m.bundle_model_id != bundle.model_id or m.precision != settings.inference.precision:
+            continue
+        if m.validation is not None and not m.validation.get("passed", False):
+            continue
+        fits = device is not None and not incompatibilities(m, device)
+        matching.append((fits, m.built_utc, engine))
+    if not matching:
+        raise GpuUnavailableError(
+            f"no {settings.inference.precision} engine for model {bundle.model_id} in {folder}",
+            hint=f"build it on this device: make engine BUNDLE={settings.model.bundle} "
+                 f"PRECISION={settings.inference.precision}",
+        )
+    return max(matching)[2]
 
 
 def supervisor_factory(settings: StationSettings, bundle: Bundle):
@@ -71,9 +83,10 @@ def supervisor_factory(settings: StationSettings, bundle: Bundle):
                                   model_id=bundle.model_id, spin=False)
 
     def gpu():
-        from appliance.trt_backend import TensorRTBackend
+        from appliance.trt_backend import TensorRTBackend, device_info
 
-        return TensorRTBackend(find_engine(settings, bundle), slots=SLOTS)
+        device = device_info()
+        return TensorRTBackend(find_engine(settings, bundle, device), slots=SLOTS, device=device)
 
     def build(on_event: EventSink) -> BackendSupervisor:
         if inf.backend == "onnxruntime":

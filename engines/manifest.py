@@ -65,6 +65,8 @@ class EngineManifest(BaseModel):
     output_name: str
     # -1 marks a dynamic axis (the batch axis of a dynamic-batch engine).
     input_shape: list[int] = Field(min_length=1)
+    # The golden-set comparison with ONNX Runtime made right after the build (engines/validate.py).
+    validation: dict[str, Any] | None = None
 
 
 class DeviceInfo(BaseModel):

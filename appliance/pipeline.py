@@ -162,6 +162,7 @@ class Pipeline:
         self.model_id = ""
         self.last_error = ""
         self.crashed = False
+        self._busy_since: float | None = None  # monotonic start of the inference in progress, for stall_reason
 
     # --- control -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -204,6 +205,21 @@ class Pipeline:
                 old, self._mode = self._mode, mode
         if old is not mode:
             self._event("mode_changed", {"from": old.value, "to": mode.value})
+
+    def stall_reason(self, stall_s: float) -> str | None:
+        """Why the station is stuck, or None: an inference running longer than `stall_s`, or a connected live
+        camera that delivered no frame for `stall_s` while the station inspects continuously. (A camera that
+        is disconnected is not stuck: its reader is reconnecting.) For the systemd watchdog."""
+        busy = self._busy_since
+        now = time.monotonic()
+        if busy is not None and now - busy > stall_s:
+            return f"inference has been running for {now - busy:.0f} s ({self.backend_name})"
+        if self.source.live and not self.config.triggered and hasattr(self.source, "state"):
+            state = self.source.state()
+            age = state.last_frame_age_s
+            if state.connected and age is not None and age > stall_s:
+                return f"camera {state.source} is connected but delivered no frame for {age:.0f} s"
+        return None
 
     @property
     def alive(self) -> bool:
@@ -276,9 +292,10 @@ class Pipeline:
             while (insp := self._q_infer.get()) is not _STOP:
                 if sup.maybe_retry():
                     self._publish_backend(sup)
-                insp.t["infer_start"] = time.monotonic()
+                insp.t["infer_start"] = self._busy_since = time.monotonic()
                 self._infer_one(sup, insp)
                 insp.t["infer_end"] = time.monotonic()
+                self._busy_since = None
                 self._q_decide.put(insp)
         finally:
             self._backend_ready.set()

@@ -26,6 +26,7 @@ from appliance.reporting import LogReporter, MqttReporter, config_hash
 from appliance.results_log import ResultsLog
 from appliance.settings import StationSettings, mqtt_password
 from appliance.supervisor import BackendSupervisor, EventSink
+from appliance.watchdog import Watchdog, notify, watchdog_interval_s
 from engines.manifest import DeviceInfo
 
 log = logging.getLogger("appliance")
@@ -177,6 +178,7 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: stopping capture, finishing the parts in flight", signal.Signals(signum).name)
+        notify("STOPPING=1")
         pipeline.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -188,12 +190,25 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
         station.mqtt.pipeline_started()
     if trigger_stdin:
         threading.Thread(target=_stdin_triggers, args=(pipeline,), daemon=True, name="stdin-trigger").start()
-    started = time.monotonic()
+    notify("READY=1")
+    interval = watchdog_interval_s()
+    watchdog = None
+    if interval is not None:
+        # Pings at half systemd's interval, so one late ping is not yet a restart.
+        watchdog = Watchdog(lambda: pipeline.stall_reason(settings.watchdog.stall_s), interval / 2).start()
+    started = last_status = time.monotonic()
     while pipeline.alive:
-        if max_seconds is not None and time.monotonic() - started > max_seconds:
+        now = time.monotonic()
+        if max_seconds is not None and now - started > max_seconds:
             pipeline.stop()
+        if now - last_status >= 10.0:
+            last_status = now
+            snap = pipeline.stats.snapshot()
+            notify(f"STATUS={snap['inspections']} inspected, {pipeline.mode.value}, backend {pipeline.backend_name}")
         time.sleep(0.1)
     pipeline.join()
+    if watchdog is not None:
+        watchdog.stop()
     counts = results.counts()
     snap = pipeline.stats.snapshot()
     log.info("stopped: %d inspections %s, %d live frames dropped, %.1f parts/s, end-to-end p50 %.1f ms p99 %.1f ms",

@@ -119,6 +119,12 @@ class MqttSection(_Section):
     tls: TlsSection = TlsSection()
 
 
+class WatchdogSection(_Section):
+    # Under systemd with WatchdogSec (provisioning/appliance.service.in): an inference running longer than
+    # this, or a connected live camera silent this long, stops the watchdog pings and systemd restarts us.
+    stall_s: float = Field(30.0, ge=1.0, le=3600.0)
+
+
 class StorageSection(_Section):
     # Results log, outbox and review images live here.
     data_dir: Path = Path("var")
@@ -138,6 +144,7 @@ class StationSettings(BaseSettings):
     decision: DecisionSection = DecisionSection()
     trigger: TriggerSection = TriggerSection()
     mqtt: MqttSection = MqttSection()
+    watchdog: WatchdogSection = WatchdogSection()
     storage: StorageSection = StorageSection()
 
     @classmethod

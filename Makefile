@@ -26,6 +26,7 @@ help:
 	@echo "make train-elpv       the ELPV benchmark training + export (report in $(ELPV_RUN)/report)"
 	@echo "make engine BUNDLE=DIR PRECISION=fp16|int8|fp32 [DLA_CORE=0] [MAX_BATCH=N] [WORKSPACE_MB=1024] [FORCE=1]"
 	@echo "                      build + validate + install a TensorRT engine for this device (on the Jetson)"
+	@echo "make provision STATION=ID SITE=S LINE=L [BROKER=host:port]   station.toml + systemd unit in provisioning/out/ID"
 	@echo "make augment-preview  artifacts/augment_preview.png: each production-condition transform"
 	@echo "make lint             ruff"
 
@@ -99,6 +100,19 @@ ENGINE_ARGS = --bundle $(BUNDLE) --precision $(PRECISION) --store $(ENGINE_STORE
 .PHONY: engine
 engine: $(VENV)/.stamp-runtime
 	$(PY) -m engines build $(ENGINE_ARGS)
+
+# A station's config and systemd unit into provisioning/out/STATION/ (see provisioning/README.md).
+# make provision STATION=st-07 SITE=plant-a LINE=line-3 [BROKER=broker.plant:8883] [CAMERA=0] [FORCE=1]
+STATION ?=
+SITE ?= site
+LINE ?= line
+BROKER ?= broker.local:8883
+CAMERA ?= 0
+.PHONY: provision
+provision: $(VENV)/.stamp-runtime
+	@test -n "$(STATION)" || { echo "usage: make provision STATION=<id> SITE=<site> LINE=<line> [BROKER=host:port]"; exit 2; }
+	$(PY) -m provisioning all --station $(STATION) --site $(SITE) --line $(LINE) --broker $(BROKER) \
+		--camera '$(CAMERA)' $(if $(FORCE),--force)
 
 augment-preview: $(VENV)/.stamp-base
 	$(PY) -m training.augment --out artifacts/augment_preview.png

@@ -113,6 +113,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run(settings, max_seconds=args.max_seconds, trigger_stdin=args.trigger_stdin)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from appliance.doctor import Doctor, format_table
+    from appliance.settings import load_settings
+
+    settings = load_settings(args.config)
+    checks = Doctor(settings, camera_timeout_s=args.camera_timeout, min_free_mb=args.min_free_mb).checks()
+    s = settings.station
+    print(f"station {s.site}/{s.line}/{s.id} ({args.config or 'environment'})")
+    print(format_table(checks))
+    return 1 if any(c.outcome == "FAIL" for c in checks) else 0
+
+
 def _cmd_engine(args: argparse.Namespace) -> int:
     from engines.__main__ import main as engines_main
 
@@ -142,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trigger.mode=triggered: read one part id per line from standard input")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("doctor", help="check GPU, TensorRT, engine, camera, broker and disk; exit 1 on a failure",
+                       description="Check that this station can run: model bundle (hashes), GPU, TensorRT version, an "
+                       "engine built and validated for this device, the camera gives a frame, the broker accepts the "
+                       "configured login (and TLS), storage.data_dir is writable with free space. Prints a "
+                       "PASS / FAIL / SKIP table; exits 1 when any check fails.")
+    p.add_argument("--config", type=Path, help="station TOML (default: defaults + APPLIANCE_* environment)")
+    p.add_argument("--camera-timeout", type=float, default=5.0, help="seconds to wait for a first frame")
+    p.add_argument("--min-free-mb", type=int, default=1024, help="free space required in storage.data_dir")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("engine", help="build / list TensorRT engines for this device (as python -m engines)",
                        description="Same as `python -m engines`: build (and validate) a TensorRT engine from a bundle "

@@ -108,6 +108,81 @@ class _Throttle:
         self._last.clear()
 
 
+def new_client(c: LinkConfig, client_id: str) -> mqtt.Client:
+    """A paho client with the station's protocol, credentials and TLS; LinkError names unusable TLS files."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5)
+    client.connect_timeout = c.connect_timeout_s
+    client.max_inflight_messages_set(c.window)
+    if c.username is not None:
+        client.username_pw_set(c.username, c.password)
+    if c.tls:
+        try:
+            client.tls_set(ca_certs=str(c.ca_file) if c.ca_file else None,
+                           certfile=str(c.cert_file) if c.cert_file else None,
+                           keyfile=str(c.key_file) if c.key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise LinkError(f"TLS files unusable (mqtt.tls.ca_file {c.ca_file}, cert_file {c.cert_file}, "
+                            f"key_file {c.key_file}): {exc}") from exc
+    return client
+
+
+def open_session(client: mqtt.Client, c: LinkConfig, connack: Callable[[], Any],
+                 lost: Callable[[MQTTErrorCode], str]) -> None:
+    """TCP (+TLS) connect and wait for the CONNACK on this thread; LinkError in a technician's words.
+
+    `connack()` returns what the client's on_connect stored (None until it came); `lost(rc)` words a
+    connection that dropped before it.
+    """
+    try:
+        client.connect(c.host, c.port, keepalive=c.keepalive_s, clean_start=True)
+    except ssl.SSLCertVerificationError as exc:
+        raise LinkError(f"TLS: {c.broker} presented a certificate not trusted by mqtt.tls.ca_file "
+                        f"{c.ca_file}: {exc.verify_message}") from exc
+    except ssl.SSLError as exc:
+        raise LinkError(f"TLS handshake with {c.broker} failed: {exc.reason or exc} (check mqtt.tls and "
+                        "that the broker's port is its TLS listener)") from exc
+    except ConnectionRefusedError as exc:
+        raise LinkError(f"{c.broker} refused the TCP connection: is the broker running and are "
+                        "mqtt.host / mqtt.port right?") from exc
+    except socket.gaierror as exc:
+        raise LinkError(f"cannot resolve mqtt.host {c.host!r}: {exc.strerror}") from exc
+    except TimeoutError as exc:
+        raise LinkError(f"no answer from {c.broker} within {c.connect_timeout_s:g} s") from exc
+    except OSError as exc:
+        raise LinkError(f"cannot connect to {c.broker}: {exc.strerror or exc}") from exc
+    deadline = time.monotonic() + c.connect_timeout_s
+    while connack() is None:
+        rc = client.loop(timeout=0.05)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and connack() is None:
+            raise LinkError(lost(rc))
+        if time.monotonic() > deadline:
+            raise LinkError(f"{c.broker} accepted TCP but sent no CONNACK within {c.connect_timeout_s:g} s")
+    code = connack()
+    if code.is_failure:
+        if code.value in _LOGIN_REFUSED:
+            raise LinkError(f"{c.broker} refused the station's login as {c.username!r}: {code} "
+                            "(check mqtt.username and mqtt.password / mqtt.password_file)")
+        raise LinkError(f"{c.broker} refused the connection: {code}")
+
+
+def probe_broker(c: LinkConfig) -> str:
+    """Log in once as the station would (client id `<station>-doctor`, so a running station is not knocked
+    off; no will), then disconnect cleanly. Returns a description; LinkError with the station's messages."""
+    client = new_client(c, f"{c.client_id}-doctor")
+    got: list[Any] = []
+    client.on_connect = lambda _c, _u, _f, reason_code, _p: got.append(reason_code)
+    try:
+        open_session(client, c, lambda: got[0] if got else None,
+                     lambda rc: f"connection to {c.broker} lost during login: {mqtt.error_string(rc)}")
+        client.disconnect()
+        client.loop(timeout=0.1)
+    finally:
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+    return f"{c.broker}" + (f" as {c.username}" if c.username else " (anonymous)")
+
+
 class MqttLink:
     """Owns the broker connection. `start()`, `notify()` after each outbox put, `stop()` at the end."""
 
@@ -210,19 +285,7 @@ class MqttLink:
 
     def _new_client(self, bd_seq: int) -> mqtt.Client:
         c = self.config
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=c.client_id, protocol=MQTTProtocolVersion.MQTTv5)
-        client.connect_timeout = c.connect_timeout_s
-        client.max_inflight_messages_set(c.window)
-        if c.username is not None:
-            client.username_pw_set(c.username, c.password)
-        if c.tls:
-            try:
-                client.tls_set(ca_certs=str(c.ca_file) if c.ca_file else None,
-                               certfile=str(c.cert_file) if c.cert_file else None,
-                               keyfile=str(c.key_file) if c.key_file else None)
-            except (OSError, ssl.SSLError) as exc:
-                raise LinkError(f"TLS files unusable (mqtt.tls.ca_file {c.ca_file}, cert_file {c.cert_file}, "
-                                f"key_file {c.key_file}): {exc}") from exc
+        client = new_client(c, c.client_id)
         will = StatusPayload(station=c.client_id, state="offline", bd_seq=bd_seq)
         client.will_set(c.topics.of("status"), will.model_dump_json(), qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -232,39 +295,10 @@ class MqttLink:
         return client
 
     def _connect(self) -> mqtt.Client:
-        c = self.config
         bd_seq = self._bd_seq = self.outbox.next_counter("bd_seq")
         client = self._new_client(bd_seq)
         self._connack = self._disconnect_reason = None
-        try:
-            client.connect(c.host, c.port, keepalive=c.keepalive_s, clean_start=True)
-        except ssl.SSLCertVerificationError as exc:
-            raise LinkError(f"TLS: {c.broker} presented a certificate not trusted by mqtt.tls.ca_file "
-                            f"{c.ca_file}: {exc.verify_message}") from exc
-        except ssl.SSLError as exc:
-            raise LinkError(f"TLS handshake with {c.broker} failed: {exc.reason or exc} (check mqtt.tls and "
-                            "that the broker's port is its TLS listener)") from exc
-        except ConnectionRefusedError as exc:
-            raise LinkError(f"{c.broker} refused the TCP connection: is the broker running and are "
-                            "mqtt.host / mqtt.port right?") from exc
-        except socket.gaierror as exc:
-            raise LinkError(f"cannot resolve mqtt.host {c.host!r}: {exc.strerror}") from exc
-        except TimeoutError as exc:
-            raise LinkError(f"no answer from {c.broker} within {c.connect_timeout_s:g} s") from exc
-        except OSError as exc:
-            raise LinkError(f"cannot connect to {c.broker}: {exc.strerror or exc}") from exc
-        deadline = time.monotonic() + c.connect_timeout_s
-        while self._connack is None:
-            rc = client.loop(timeout=0.05)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._connack is None:
-                raise LinkError(self._lost_message(rc, during="login"))
-            if time.monotonic() > deadline:
-                raise LinkError(f"{c.broker} accepted TCP but sent no CONNACK within {c.connect_timeout_s:g} s")
-        if self._connack.is_failure:
-            if self._connack.value in _LOGIN_REFUSED:
-                raise LinkError(f"{c.broker} refused the station's login as {c.username!r}: {self._connack} "
-                                "(check mqtt.username and mqtt.password / mqtt.password_file)")
-            raise LinkError(f"{c.broker} refused the connection: {self._connack}")
+        open_session(client, self.config, lambda: self._connack, lambda rc: self._lost_message(rc, during="login"))
         self._on_connected(client, bd_seq)
         return client
 

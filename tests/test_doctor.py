@@ -1,0 +1,110 @@
+"""`appliance doctor` on this machine: real bundle, real camera sources, a real Mosquitto, the real disk.
+
+GPU checks fail cleanly here (no CUDA, no TensorRT): that is what they must do on a PC.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from mqtt_helpers import start_station, station_settings, stop_station, write_frames
+
+from appliance.cli import main
+from appliance.doctor import Doctor, format_table
+from appliance.settings import StationSettings
+from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto, free_port, write_password_file
+
+needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")
+
+
+def _settings(tmp_path: Path, bundle_dir: Path, port: int, **sections) -> StationSettings:
+    values = {"station": {"id": "st-doc"}, "model": {"bundle": str(bundle_dir)},
+              "camera": {"source": str(write_frames(tmp_path / "frames", 2))},
+              "inference": {"backend": "onnxruntime"}, "storage": {"data_dir": str(tmp_path / "var")},
+              "mqtt": {"port": port}}
+    for key, value in sections.items():
+        values.setdefault(key, {}).update(value)
+    return StationSettings(**values)
+
+
+def _by_name(checks) -> dict:
+    return {c.name: c for c in checks}
+
+
+@needs_mosquitto
+def test_a_cpu_station_with_its_broker_passes_and_skips_the_gpu(tmp_path: Path, bundle_dir: Path):
+    with MosquittoBroker(tmp_path / "broker") as broker:
+        checks = _by_name(Doctor(_settings(tmp_path, bundle_dir, broker.port)).checks())
+    assert [checks[n].outcome for n in ("model bundle", "camera", "broker", "disk")] == ["PASS"] * 4
+    assert {checks[n].outcome for n in ("GPU", "TensorRT", "engine")} == {"SKIP"}
+    assert "logged in to mqtt://127.0.0.1" in checks["broker"].detail
+    assert "frame after" in checks["camera"].detail and "GB free" in checks["disk"].detail
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_a_gpu_station_on_a_pc_fails_the_gpu_checks_with_reasons(tmp_path: Path, bundle_dir: Path,
+                                                                capsys: pytest.CaptureFixture[str]):
+    config = tmp_path / "station.toml"
+    config.write_text(f'[station]\nid = "st-doc"\n[model]\nbundle = "{bundle_dir}"\n[camera]\nsource = "synthetic"\n'
+                      f'[inference]\nbackend = "tensorrt"\n[mqtt]\nenabled = false\n'
+                      f'[storage]\ndata_dir = "{tmp_path / "var"}"\n')
+    assert main(["doctor", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in
+             ("GPU", "TensorRT", "engine", "broker", "camera")}
+    assert "FAIL" in lines["GPU"] and ("pycuda" in lines["GPU"] or "CUDA" in lines["GPU"])
+    assert "FAIL" in lines["TensorRT"] and "JetPack" in lines["TensorRT"]
+    assert "FAIL" in lines["engine"] and "without TensorRT" in lines["engine"]
+    assert "SKIP" in lines["broker"] and "PASS" in lines["camera"]
+    assert "3 check(s) failed" in out
+
+
+@needs_mosquitto
+def test_wrong_broker_password_and_unreachable_broker_fail_with_the_station_messages(tmp_path: Path,
+                                                                                     bundle_dir: Path):
+    passwd = write_password_file(tmp_path / "passwd", {"st-doc": "right"})
+    with MosquittoBroker(tmp_path / "broker", password_file=passwd) as broker:
+        wrong = _by_name(Doctor(_settings(tmp_path, bundle_dir, broker.port, mqtt={
+            "username": "st-doc", "password": "wrong"})).checks())["broker"]
+        right = _by_name(Doctor(_settings(tmp_path, bundle_dir, broker.port, mqtt={
+            "username": "st-doc", "password": "right"})).checks())["broker"]
+    assert wrong.outcome == "FAIL" and "refused the station's login as 'st-doc'" in wrong.detail
+    assert right.outcome == "PASS" and "as st-doc" in right.detail
+    down = _by_name(Doctor(_settings(tmp_path, bundle_dir, free_port())).checks())["broker"]
+    assert down.outcome == "FAIL" and "refused the TCP connection" in down.detail
+
+
+@needs_mosquitto
+def test_doctor_does_not_knock_the_running_station_off_the_broker(tmp_path: Path, bundle_dir: Path):
+    with MosquittoBroker(tmp_path / "broker") as broker:
+        station = start_station(station_settings(tmp_path, bundle_dir, broker.port, station_id="st-doc"))
+        try:
+            before = station.mqtt.link.state().connections
+            check = _by_name(Doctor(_settings(tmp_path, bundle_dir, broker.port)).checks())["broker"]
+            assert check.outcome == "PASS"
+            assert station.mqtt.link.state().connected and station.mqtt.link.state().connections == before
+        finally:
+            stop_station(station)
+
+
+def test_camera_bundle_and_disk_failures_name_the_cause(tmp_path: Path, bundle_dir: Path):
+    (tmp_path / "empty").mkdir()
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    settings = _settings(tmp_path, tmp_path / "no-bundle", 1, camera={"source": "/dev/video9"},
+                         mqtt={"enabled": False}, storage={"data_dir": str(not_a_dir)})
+    checks = _by_name(Doctor(settings, camera_timeout_s=1.0).checks())
+    assert checks["model bundle"].outcome == "FAIL" and "no-bundle" in checks["model bundle"].detail
+    assert checks["camera"].outcome == "FAIL" and "/dev/video9" in checks["camera"].detail
+    assert checks["disk"].outcome == "FAIL" and "not writable" in checks["disk"].detail
+    assert checks["broker"].outcome == "SKIP"
+    small = _by_name(Doctor(_settings(tmp_path, bundle_dir, 1, mqtt={"enabled": False}),
+                            min_free_mb=10**9).checks())["disk"]
+    assert small.outcome == "FAIL" and "below" in small.detail
+    empty = _by_name(Doctor(_settings(tmp_path, bundle_dir, 1, camera={"source": str(tmp_path / "empty")},
+                                      mqtt={"enabled": False})).checks())["camera"]
+    assert empty.outcome == "FAIL"
+    table = format_table(list(checks.values()))
+    assert table.splitlines()[0].startswith("check") and "check(s) failed" in table

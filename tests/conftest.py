@@ -46,3 +46,18 @@ def bundle_dir(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
     return build_bundle(trained_run, tmp_path_factory.mktemp("bundles") / "tiny", calibration_images=16,
                         golden_images=8)
+
+
+@pytest.fixture(scope="module")
+def trt():
+    """TensorRT on a CUDA GPU, or a skip that says where these tests run (a Jetson, a GPU machine)."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        pytest.skip(f"needs TensorRT (JetPack's python3-libnvinfer), pycuda and an NVIDIA GPU: run on a Jetson ({exc})")
+    from appliance.cuda_memory import cuda_available
+
+    ok, reason = cuda_available()
+    if not ok:
+        pytest.skip(f"needs pycuda and an NVIDIA GPU: run on a Jetson or a GPU machine ({reason})")
+    return tensorrt

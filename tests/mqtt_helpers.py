@@ -76,12 +76,7 @@ class Subscriber:
             return [m for m in self.messages if m.kind == kind and (station is None or f"/{station}/" in m.topic)]
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return predicate()
+        return wait_until(predicate, timeout)
 
     def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)

@@ -14,7 +14,6 @@ from types import ModuleType
 
 import pytest
 
-from appliance.cuda_memory import cuda_available
 from appliance.errors import EngineBuildError
 from engines.__main__ import main
 from engines.manifest import load_manifest, manifest_path
@@ -22,16 +21,6 @@ from engines.manifest import load_manifest, manifest_path
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def trt() -> ModuleType:
-    try:
-        import tensorrt
-    except ImportError as exc:
-        pytest.skip(f"needs TensorRT (JetPack's python3-libnvinfer), pycuda and an NVIDIA GPU: run on a Jetson ({exc})")
-    ok, reason = cuda_available()
-    if not ok:
-        pytest.skip(f"needs pycuda and an NVIDIA GPU: run on a Jetson or a GPU machine ({reason})")
-    return tensorrt
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "fp32"])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from appliance.backend import InferenceBackend
-from appliance.cuda_memory import CudaThreadError, cuda_available, live_resources
+from appliance.cuda_memory import CudaThreadError, live_resources
 from appliance.errors import GpuUnavailableError
 from appliance.trt_backend import TensorRTBackend, device_info
 from engines.manifest import DeviceInfo, EngineManifest, manifest_path, write_manifest
@@ -172,16 +172,6 @@ def reference_logits(frame: np.ndarray) -> np.ndarray:
     return frame.mean(axis=(2, 3)) @ WEIGHTS
 
 
-@pytest.fixture(scope="module")
-def trt() -> ModuleType:
-    try:
-        import tensorrt
-    except ImportError as exc:
-        pytest.skip(f"needs TensorRT (JetPack's python3-libnvinfer), pycuda and an NVIDIA GPU: run on a Jetson ({exc})")
-    ok, reason = cuda_available()
-    if not ok:
-        pytest.skip(f"needs pycuda and an NVIDIA GPU: run on a Jetson or a GPU machine ({reason})")
-    return tensorrt
 
 
 def build_tiny_engine(trt: ModuleType, dynamic_batch: bool) -> bytes:

@@ -523,3 +523,19 @@ def test_a_live_camera_that_goes_away_and_comes_back_is_reported(
         assert health["camera"]["kind"] == "url" and "last_frame_age_s" in health["camera"]
     finally:
         stop_station(station)
+
+
+def test_a_backend_change_sends_a_new_birth(tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker,
+                                            control_room: Subscriber):
+    station = start_station(station_settings(tmp_path, bundle_dir, broker.port))
+    try:
+        assert control_room.wait_for(lambda: control_room.of("birth"), 10)
+        time.sleep(0.3)
+        births = len(control_room.of("birth"))
+        # What the pipeline reports when the GPU goes (the supervisor's event; the GPU loss itself is
+        # exercised in test_runtime.py): the birth must then name the backend again.
+        station.mqtt.event("gpu_lost", {"error": "injected"})
+        assert control_room.wait_for(lambda: len(control_room.of("birth")) == births + 1, 10)
+        assert any(m.payload["kind"] == "gpu_lost" for m in control_room.of("event"))
+    finally:
+        stop_station(station)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +83,17 @@ class Outbox:
         self._depth: int = depth
         self._in_flight: set[int] = set()
         self._shed: Counter[str] = Counter()
+        # A station that was off longer than max_age_s must not replay week-old messages on start.
+        with self._transaction():
+            self._enforce_bounds()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """The lock and one SQLite transaction: committed when the block ends, rolled back if it raises."""
         with self._lock:
-            # A station that was off longer than max_age_s must not replay week-old messages on start.
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._enforce_bounds()
+                yield
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -96,10 +103,9 @@ class Outbox:
         """Store a message before publishing it; returns its id (ids grow in insertion order)."""
         if qos not in (0, 1, 2):
             raise ValueError(f"MQTT QoS must be 0, 1 or 2, got {qos}")
-        with self._lock:
+        try:
             # Insert and shed in one transaction: a crash between them cannot leave the outbox over its bound.
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 cur = self._db.execute(
                     "INSERT INTO outbox (created_at, topic, payload, qos, kind) VALUES (?, ?, ?, ?, ?)",
                     (self._clock(), topic, payload_json, qos, kind),
@@ -108,12 +114,10 @@ class Outbox:
                 assert row_id is not None  # always set after an INSERT into a rowid table
                 self._depth += 1
                 self._enforce_bounds()
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                # The in-memory depth may have moved before the failure; the table is the truth.
+        except BaseException:
+            with self._lock:  # the in-memory depth may have moved before the failure; the table is the truth
                 (self._depth,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-                raise
+            raise
         return row_id
 
     def pending(self, limit: int = 100) -> list[OutboxMessage]:
@@ -137,11 +141,7 @@ class Outbox:
 
     def ack(self, message_id: int) -> bool:
         """The broker acknowledged it: delete it. False if it was already gone (shed, or acked twice)."""
-        with self._lock:
-            self._in_flight.discard(message_id)
-            cur = self._db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
-            self._depth -= cur.rowcount
-            return cur.rowcount > 0
+        return self.ack_many([message_id]) > 0
 
     def ack_many(self, ids: Iterable[int]) -> int:
         """Several acknowledgements in one transaction (one fsync instead of one per message). Returns deleted."""
@@ -149,18 +149,12 @@ class Outbox:
         if not ids:
             return 0
         deleted = 0
-        with self._lock:
+        with self._transaction():
             self._in_flight.difference_update(ids)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for start in range(0, len(ids), 500):  # under SQLite's bound-parameter limit
-                    chunk = ids[start:start + 500]
-                    cur = self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-                    deleted += cur.rowcount
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            for start in range(0, len(ids), 500):  # under SQLite's bound-parameter limit
+                chunk = ids[start:start + 500]
+                cur = self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+                deleted += cur.rowcount
             self._depth -= deleted
         return deleted
 
@@ -168,16 +162,10 @@ class Outbox:
         """Increment and return a persistent counter (0 the first time): the MQTT bdSeq survives restarts,
         so the `offline` will of a killed process never carries the number of the one that replaced it."""
         key = f"counter:{name}"
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-                value = 0 if row is None else int(row[0]) + 1
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            value = 0 if row is None else int(row[0]) + 1
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
         return value
 
     def release_in_flight(self) -> int:

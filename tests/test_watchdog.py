@@ -124,21 +124,31 @@ class HangsOnCall:
         self._inner.close()
 
 
-def test_a_hung_inference_is_a_stall_and_clears_when_it_returns(tmp_path: Path, bundle_dir: Path):
+def _pipeline(bundle_dir: Path, results: ResultsLog, source, backend, name: str) -> Pipeline:
+    """The real pipeline around `source` and `backend` (the backend given, not built from settings)."""
     bundle = load_bundle(bundle_dir)
     settings = StationSettings(model={"bundle": str(bundle_dir)}, mqtt={"enabled": False})
-    hang = HangsOnCall(OnnxRuntimeBackend(bundle.path("onnx_fp32"), threads=1, slots=3), hang_at=3)
     config = PipelineConfig(station_id="st-dog", spec=bundle.metadata.preprocess,
                             operating_point=operating_point(settings, bundle), mode=Mode.PRODUCTION)
+    return Pipeline(config, source, lambda ev: BackendSupervisor(lambda: backend, name, None, ev),
+                    LogReporter(results, echo=False))
+
+
+def _wait_for_stall(pipeline: Pipeline, stall_s: float) -> str | None:
+    deadline = time.monotonic() + 10
+    while pipeline.stall_reason(stall_s) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pipeline.stall_reason(stall_s)
+
+
+def test_a_hung_inference_is_a_stall_and_clears_when_it_returns(tmp_path: Path, bundle_dir: Path):
+    bundle = load_bundle(bundle_dir)
+    hang = HangsOnCall(OnnxRuntimeBackend(bundle.path("onnx_fp32"), threads=1, slots=3), hang_at=3)
     results = ResultsLog(tmp_path / "results.sqlite3")
-    pipeline = Pipeline(config, _synthetic(6), lambda ev: BackendSupervisor(lambda: hang, "tensorrt", None, ev),
-                        LogReporter(results, echo=False))
+    pipeline = _pipeline(bundle_dir, results, _synthetic(6), hang, "tensorrt")
     pipeline.start()
     try:
-        deadline = time.monotonic() + 10
-        while pipeline.stall_reason(0.3) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        reason = pipeline.stall_reason(0.3)
+        reason = _wait_for_stall(pipeline, 0.3)
         assert reason is not None and "inference has been running" in reason and "tensorrt" in reason
         hang.release.set()
         assert pipeline.join(20)
@@ -176,21 +186,12 @@ def test_a_connected_camera_that_stops_delivering_is_a_stall(tmp_path: Path, bun
                 Freezes.frozen.wait(30)
             return super().read()
 
-    bundle = load_bundle(bundle_dir)
-    settings = StationSettings(model={"bundle": str(bundle_dir)}, mqtt={"enabled": False})
-    config = PipelineConfig(station_id="st-dog", spec=bundle.metadata.preprocess,
-                            operating_point=operating_point(settings, bundle), mode=Mode.PRODUCTION)
-    cpu = OnnxRuntimeBackend(bundle.path("onnx_fp32"), threads=1, slots=3)
-    results = ResultsLog(tmp_path / "results.sqlite3")
+    cpu = OnnxRuntimeBackend(load_bundle(bundle_dir).path("onnx_fp32"), threads=1, slots=3)
     source = live_camera(Freezes)
-    pipeline = Pipeline(config, source, lambda ev: BackendSupervisor(lambda: cpu, "onnxruntime", None, ev),
-                        LogReporter(results, echo=False))
+    pipeline = _pipeline(bundle_dir, ResultsLog(tmp_path / "results.sqlite3"), source, cpu, "onnxruntime")
     pipeline.start()
     try:
-        deadline = time.monotonic() + 10
-        while pipeline.stall_reason(0.5) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        reason = pipeline.stall_reason(0.5)
+        reason = _wait_for_stall(pipeline, 0.5)
         assert reason is not None and "delivered no frame" in reason and "rtsp://10.0.0.5/stream1" in reason
     finally:
         Freezes.frozen.set()

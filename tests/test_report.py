@@ -61,6 +61,21 @@ def test_report_writes_all_five_files_and_leaves_no_temporaries(tmp_path, evalua
     assert all((out_dir / name).stat().st_size > 0 for name in REPORT_FILES)
 
 
+def test_training_history_adds_a_training_curve(tmp_path, evaluation):
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_auc": a}
+               for e, a in ((1, 0.7), (2, 0.9), (3, 0.85))]
+
+    report = write(tmp_path, evaluation, history=history)
+
+    curve = tmp_path / "training_curve.png"
+    assert curve.read_bytes().startswith(PNG_SIGNATURE)
+    assert report["plots"]["training_curve"] == "training_curve.png"
+    assert "![Training curve](training_curve.png)" in (tmp_path / "report.md").read_text()
+    # A report without a training run (an export's re-score) has no curve and does not list one.
+    bare = write(tmp_path / "bare", evaluation)
+    assert "training_curve" not in bare["plots"] and not (tmp_path / "bare" / "training_curve.png").exists()
+
+
 def test_json_round_trips_and_matches_binary_metrics(tmp_path, evaluation):
     returned = write(tmp_path, evaluation, extra={"epochs": 3})
 

@@ -38,12 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pretrained", action="store_true",
                    help="train from scratch (Lite0's ImageNet weights ship with the package; B0 has none)")
     p.add_argument("--weights", type=Path, help="local backbone weights file (state dict) to start from")
+    p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                   help="start from the weights of a previous run (RUN/final.pt, best.pt or last.pt) with the same "
+                   "backbone, colour and input size: retrain a shipped model on new parts, or run a second schedule")
     p.add_argument("--color", choices=["gray", "rgb"], default="gray")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights (e.g. 0.998)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="training arithmetic: auto = bfloat16 autocast on CUDA and on CPUs with native bf16 "
+                   "(AVX512-BF16, AMX), float32 elsewhere")
     p.add_argument("--balance", choices=["weighted_loss", "sampler", "none"], default="weighted_loss")
     p.add_argument("--soft-labels", action="store_true", help="ELPV: train on the annotated defect probability")
     p.add_argument("--target-recall", type=float, default=0.95,
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(
             dataset=args.dataset, data_dir=args.data, out_dir=args.out, backbone=args.backbone,
             pretrained=not args.no_pretrained and args.backbone == "efficientnet_lite0", weights=args.weights,
+            init_from=args.init_from, ema_decay=args.ema, precision=args.precision,
             color=args.color, input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, weight_decay=args.weight_decay, balance=args.balance, soft_labels=args.soft_labels,
             target_recall=args.target_recall, patience=args.patience, seed=args.seed,

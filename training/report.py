@@ -36,6 +36,8 @@ FOUR_CLASS_COUNT = 4
 JSON_FILE = "report.json"
 MARKDOWN_FILE = "report.md"
 PLOT_FILES = {"roc": "roc.png", "confusion": "confusion.png", "confidence_hist": "confidence_hist.png"}
+# Written only when the training history is given (a report of a training run, not of an export).
+TRAINING_CURVE_FILE = "training_curve.png"
 FIGSIZE_INCHES = (6.0, 5.0)
 DPI = 100
 
@@ -51,8 +53,11 @@ def write_report(
     extra: dict | None = None,
     precision_scores: dict[str, np.ndarray] | None = None,
     four_class: tuple[np.ndarray, np.ndarray] | None = None,
+    history: list[dict] | None = None,
 ) -> dict:
     """Write report.json, report.md, roc.png, confusion.png and confidence_hist.png into out_dir.
+
+    With `history` (one dict per epoch: epoch, train_loss, val_loss, val_auc), training_curve.png too.
 
     Returns the dict written to report.json (plain Python types only). Each file is written to a
     temporary name and renamed into place, so a reader never sees a half-written file; report.json is
@@ -69,6 +74,8 @@ def write_report(
         precision_scores=precision_scores,
         four_class=four_class,
     )
+    if history:
+        report["plots"]["training_curve"] = TRAINING_CURVE_FILE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(labels)
@@ -79,6 +86,8 @@ def write_report(
     _replace_atomically(
         out_dir / PLOT_FILES["confidence_hist"], _savefig(_plot_confidence_hist(labels, scores, report))
     )
+    if history:
+        _replace_atomically(out_dir / TRAINING_CURVE_FILE, _savefig(_plot_training_curve(history, report)))
     _replace_atomically(out_dir / MARKDOWN_FILE, _write_text(render_markdown(report)))
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     _replace_atomically(out_dir / JSON_FILE, _write_text(text))
@@ -222,6 +231,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"![Defect score histograms]({PLOT_FILES['confidence_hist']})",
         "",
     ]
+    if "training_curve" in report["plots"]:
+        lines += [f"![Training curve]({report['plots']['training_curve']})", ""]
     if report.get("extra"):
         lines += ["## Run details", "", "| Key | Value |", "|---|---|"]
         lines += [f"| {key} | `{json.dumps(value)}` |" for key, value in report["extra"].items()]
@@ -445,4 +456,27 @@ def _plot_confidence_hist(labels: np.ndarray, scores: np.ndarray, report: Mappin
     ax.set_title(_heading(report, "Defect score by true class"))
     ax.legend(loc="upper center", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def _plot_training_curve(history: list[dict], report: Mapping[str, Any]) -> Figure:
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], color="tab:blue", marker=".", label="training loss")
+    ax.plot(epochs, [h["val_loss"] for h in history], color="tab:orange", marker=".", label="validation loss")
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel("Cross-entropy loss")
+    ax.grid(alpha=0.3)
+    # Validation AUC on its own axis: it is what picks best.pt, and its scale (0.5-1) is not the loss's.
+    auc_ax = ax.twinx()
+    auc = [h["val_auc"] for h in history]
+    auc_ax.plot(epochs, auc, color="tab:green", marker=".", label="validation ROC-AUC")
+    best = int(np.nanargmax(np.asarray(auc, dtype=np.float64)))
+    auc_ax.scatter([epochs[best]], [auc[best]], s=80, facecolors="none", edgecolors="black",
+                   label=f"best validation AUC {auc[best]:.4f} (epoch {epochs[best]})", zorder=3)
+    auc_ax.set_ylabel("Validation ROC-AUC")
+    handles = ax.get_legend_handles_labels()[0] + auc_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="center right", fontsize=9)
+    ax.set_title(_heading(report, "Training curve"))
     return fig

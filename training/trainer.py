@@ -61,6 +61,9 @@ class TrainConfig(BaseModel):
     backbone: Literal["efficientnet_b0", "efficientnet_lite0"] = "efficientnet_lite0"
     pretrained: bool = True
     weights: Path | None = None
+    # Start from a previous run of this project (final.pt / best.pt / last.pt): retraining a shipped model on
+    # new parts, or a second, shorter schedule after the first. Weights only: optimizer and schedule start fresh.
+    init_from: Path | None = None
     color: Literal["gray", "rgb"] = "gray"
     input_size: int = Field(224, ge=32, le=1024)
     resize: Literal["stretch", "center_crop", "letterbox"] = "stretch"
@@ -71,6 +74,12 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(1.0, ge=0)
     dropout: float = Field(0.2, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # Exponential moving average of the weights (e.g. 0.998), validated and saved instead of the raw weights:
+    # on a small dataset the epoch-to-epoch noise of the raw weights is larger than what one more epoch gains.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    # auto: bfloat16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), float32 elsewhere,
+    # where emulated bf16 would be slower. Weights, loss and evaluation stay float32 either way.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Train on ELPV's annotated defect probability (0, 1/3, 2/3, 1) instead of the hard label.
     soft_labels: bool = False
     # weighted_loss: class weights inversely proportional to frequency; sampler: balanced batches.
@@ -148,6 +157,55 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older or newer torch without these probes: stay on the safe side
+        return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training autocasts to bfloat16 (see TrainConfig.precision)."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or _cpu_has_native_bf16()
+
+
+class WeightEma:
+    """Exponential moving average of a model's parameters and batch-norm statistics.
+
+    The decay ramps up as (1 + n) / (10 + n) over the first updates so the average is not dominated by the
+    starting weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = model.state_dict()
+        for name, avg in self.model.state_dict().items():
+            if avg.dtype.is_floating_point:
+                avg.lerp_(current[name].detach(), 1.0 - d)
+            else:  # num_batches_tracked
+                avg.copy_(current[name])
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "model_state": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        self.model.load_state_dict(state["model_state"])
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, samples: Sequence[Sample], spec: PreprocessSpec,
                    device: torch.device, batch_size: int = 64) -> np.ndarray:
@@ -184,6 +242,13 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(ckpt, dict) or "model_state" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint of this project")
     return ckpt
+
+
+def _check_architecture(ckpt: dict, cfg: TrainConfig, path: Path, hint: str) -> None:
+    changed = [k for k in _ARCHITECTURE_KEYS if ckpt["config"].get(k) != cfg.model_dump(mode="json")[k]]
+    if changed:
+        was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in changed)
+        raise CheckpointError(f"checkpoint {path} was trained with different {', '.join(changed)} ({was})", hint=hint)
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -235,7 +300,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     (out / "split.json").write_text(json.dumps({k: [s.name for s in v] for k, v in splits.items()}, indent=1))
 
     model = build_model(cfg.backbone, spec.channels, cfg.input_size, cfg.pretrained, cfg.weights, cfg.dropout)
-    model.to(device)
+    if cfg.init_from is not None:
+        start = load_checkpoint(cfg.init_from)
+        _check_architecture(start, cfg, cfg.init_from, "train with the settings the checkpoint names")
+        model.load_state_dict(start["model_state"])
+        print(f"starting from the weights of {cfg.init_from}")
+    # channels_last: the layout oneDNN and cuDNN convolutions are fastest in (about 25 % per step on a CPU).
+    model.to(device, memory_format=torch.channels_last)
+    ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_ds = PartsDataset(splits["train"], spec, cfg.augment, cfg.seed, cfg.soft_labels)
     loader = _make_loader(train_ds, cfg, device)
@@ -251,52 +323,56 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     last = out / "last.pt"
     if resume and last.exists():
         ckpt = load_checkpoint(last)
-        changed = [k for k in _ARCHITECTURE_KEYS if ckpt["config"].get(k) != cfg.model_dump(mode="json")[k]]
-        if changed:
-            raise CheckpointError(
-                f"checkpoint {last} was trained with different {', '.join(changed)}",
-                hint="use a new --out directory, or the same settings as the checkpoint",
-            )
+        _check_architecture(
+            ckpt, cfg, last, "use a new --out directory, or the same settings as the checkpoint"
+        )
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         scheduler.load_state_dict(ckpt["scheduler_state"])
+        if ema is not None and "ema_state" in ckpt:
+            ema.load_state_dict(ckpt["ema_state"])
         state = ckpt["state"]
         print(f"resuming {out} after epoch {state['epoch']} (best val AUC {state['best_auc']:.4f})")
 
-    use_bf16 = device.type == "cuda"
+    bf16 = use_bf16(cfg.precision, device)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stale"] >= cfg.patience:
             print(f"early stop: validation AUC has not improved for {cfg.patience} epochs")
             break
         model.train()
         train_ds.epoch = epoch
+        epoch_started = time.time()
         running, seen = 0.0, 0
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
                    leave=False, unit="batch")
         for step, (x, target) in enumerate(bar):
             if step >= steps_per_epoch:
                 break
-            x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+            target = target.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
             loss = loss_fn(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             running += loss.item() * len(x)
             seen += len(x)
             bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         bar.close()
 
-        val_logits = predict_logits(model, splits["val"], spec, device)
+        evaluated = ema.model if ema is not None else model
+        val_logits = predict_logits(evaluated, splits["val"], spec, device)
         val_labels = np.array([s.label for s in splits["val"]])
         val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
         val_auc = roc_auc(val_labels, softmax_defect_score(val_logits))
         improved = val_auc > state["best_auc"] or (val_auc == state["best_auc"] and val_loss < state["best_loss"])
-        state["history"].append(
-            {"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss, "val_auc": val_auc}
-        )
+        epoch_s = round(time.time() - epoch_started, 1)
+        state["history"].append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss,
+                                 "val_auc": val_auc, "seconds": epoch_s})
         state["epoch"] = epoch
         if improved:
             state.update(best_auc=val_auc, best_loss=val_loss, best_epoch=epoch, stale=0)
@@ -304,16 +380,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             state["stale"] += 1
         print(
             f"epoch {epoch:3d}  train loss {running / max(seen, 1):.4f}  val loss {val_loss:.4f}  "
-            f"val AUC {val_auc:.4f}{'  *' if improved else ''}",
+            f"val AUC {val_auc:.4f}  {epoch_s:.0f} s{'  *' if improved else ''}",
             flush=True,
         )
         ckpt = {
             "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
             "scheduler_state": scheduler.state_dict(), "state": state, "config": cfg.model_dump(mode="json"),
         }
+        if ema is not None:
+            ckpt["ema_state"] = ema.state_dict()
         _atomic_save(ckpt, last)
-        if improved:
-            _atomic_save({"model_state": model.state_dict(), "config": ckpt["config"], "state": state},
+        if improved:  # best.pt holds the weights that were validated (the average when EMA is on)
+            _atomic_save({"model_state": evaluated.state_dict(), "config": ckpt["config"], "state": state},
                          out / "best.pt")
 
     best = load_checkpoint(out / "best.pt")
@@ -388,7 +466,7 @@ def finish(cfg: TrainConfig, model: nn.Module, splits: dict[str, list[Sample]], 
         title=f"{cfg.backbone} on {cfg.dataset} - held-out test split",
         extra={"training": training_info, "config": cfg.model_dump(mode="json"),
                "argmax_accuracy": float(np.mean((test_scores >= 0.5) == test_labels))},
-        four_class=four_class,
+        four_class=four_class, history=state["history"],
     )
     (out / "run.json").write_text(json.dumps(
         {"config": cfg.model_dump(mode="json"), "training": training_info, "history": state["history"],

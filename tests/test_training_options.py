@@ -39,11 +39,19 @@ def test_init_from_starts_from_the_previous_runs_weights(trained_run: Path, part
     assert _max_diff(start, _params(load_checkpoint(fresh / "final.pt")["model_state"])) > 0.4
 
 
-def test_init_from_another_input_size_names_the_file_and_the_setting(trained_run: Path, parts_folder: Path,
-                                                                      tmp_path: Path):
-    with pytest.raises(CheckpointError, match=r"final\.pt was trained with different input_size \(input_size=64\)"):
-        train(tiny_config(parts_folder, tmp_path / "x", input_size=96, init_from=trained_run / "final.pt"),
+def test_init_from_another_colour_names_the_file_and_the_setting(trained_run: Path, parts_folder: Path,
+                                                                  tmp_path: Path):
+    with pytest.raises(CheckpointError, match=r"final\.pt was trained with different color \(color='gray'\)"):
+        train(tiny_config(parts_folder, tmp_path / "x", color="rgb", init_from=trained_run / "final.pt"),
               progress=False)
+
+
+def test_init_from_may_change_the_input_size(trained_run: Path, parts_folder: Path, tmp_path: Path):
+    # Same weights, larger images: fine-tuning a model at a higher resolution than it was trained at.
+    run = train(tiny_config(parts_folder, tmp_path / "larger", input_size=96, epochs=1, max_steps_per_epoch=1,
+                            init_from=trained_run / "final.pt"), progress=False)
+    final = load_checkpoint(run / "final.pt")
+    assert final["config"]["input_size"] == 96 and final["preprocess"]["input_height"] == 96
 
 
 def test_init_from_a_corrupt_file_is_named(parts_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

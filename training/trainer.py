@@ -107,6 +107,9 @@ class TrainConfig(BaseModel):
 
 # Fields that change the network or its input: resuming across a change would be meaningless.
 _ARCHITECTURE_KEYS = ("backbone", "color", "input_size", "resize")
+# Fields that change the shapes of the weights: starting a new run from old weights needs only these to
+# match (the convolutions do not depend on the image size, so a model can be fine-tuned at a larger one).
+_WEIGHT_SHAPE_KEYS = ("backbone", "color")
 
 
 def load_samples(cfg: TrainConfig) -> list[Sample]:
@@ -244,8 +247,9 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def _check_architecture(ckpt: dict, cfg: TrainConfig, path: Path, hint: str) -> None:
-    changed = [k for k in _ARCHITECTURE_KEYS if ckpt["config"].get(k) != cfg.model_dump(mode="json")[k]]
+def _check_architecture(ckpt: dict, cfg: TrainConfig, path: Path, hint: str,
+                        keys: Sequence[str] = _ARCHITECTURE_KEYS) -> None:
+    changed = [k for k in keys if ckpt["config"].get(k) != cfg.model_dump(mode="json")[k]]
     if changed:
         was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in changed)
         raise CheckpointError(f"checkpoint {path} was trained with different {', '.join(changed)} ({was})", hint=hint)
@@ -302,7 +306,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     model = build_model(cfg.backbone, spec.channels, cfg.input_size, cfg.pretrained, cfg.weights, cfg.dropout)
     if cfg.init_from is not None:
         start = load_checkpoint(cfg.init_from)
-        _check_architecture(start, cfg, cfg.init_from, "train with the settings the checkpoint names")
+        _check_architecture(start, cfg, cfg.init_from, "train with the settings the checkpoint names",
+                            _WEIGHT_SHAPE_KEYS)
         model.load_state_dict(start["model_state"])
         print(f"starting from the weights of {cfg.init_from}")
     # channels_last: the layout oneDNN and cuDNN convolutions are fastest in (about 25 % per step on a CPU).

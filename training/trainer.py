@@ -303,7 +303,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     splits = split_samples(cfg, samples)
     (out / "split.json").write_text(json.dumps({k: [s.name for s in v] for k, v in splits.items()}, indent=1))
 
-    model = build_model(cfg.backbone, spec.channels, cfg.input_size, cfg.pretrained, cfg.weights, cfg.dropout)
+    # With --init-from the ImageNet weights would be overwritten at once: do not load them.
+    model = build_model(cfg.backbone, spec.channels, cfg.input_size, cfg.pretrained and cfg.init_from is None,
+                        cfg.weights, cfg.dropout)
     if cfg.init_from is not None:
         start = load_checkpoint(cfg.init_from)
         _check_architecture(start, cfg, cfg.init_from, "train with the settings the checkpoint names",

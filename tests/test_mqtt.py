@@ -162,10 +162,18 @@ def test_sigkill_shows_offline_within_the_keepalive_bound_and_the_outbox_replays
         f'[storage]\ndata_dir = "{data}"\n'
     )
 
+    lives: list[Path] = []
+
     def start() -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--config", str(config),
-                                 "--trigger-stdin"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        # Each life's log goes to a file: when an assertion fails, its message shows what the station said.
+        lives.append(tmp_path / f"life{len(lives) + 1}.log")
+        with lives[-1].open("w") as log:
+            return subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--config", str(config),
+                                     "--trigger-stdin"], stdin=subprocess.PIPE, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+    def last_log() -> str:
+        return lives[-1].read_text()[-3000:]
 
     def states() -> list[tuple[str, int]]:
         return [(m.payload["state"], m.payload["bd_seq"]) for m in control_room.of("status", "st-kill")]
@@ -202,7 +210,8 @@ def test_sigkill_shows_offline_within_the_keepalive_bound_and_the_outbox_replays
         broker.start()
         assert control_room.wait_for(control_room.connected.is_set, 10)
         proc = start()
-        assert control_room.wait_for(lambda: len(control_room.of("result", "st-kill")) >= 4, 60)
+        assert control_room.wait_for(lambda: len(control_room.of("result", "st-kill")) >= 4, 60), (
+            f"{len(control_room.of('result', 'st-kill'))} results replayed; station said:\n{last_log()}")
         received = control_room.of("result", "st-kill")
         assert {m.payload["inspection_id"] for m in received} == _logged_ids(db)
         assert all(m.payload["replayed"] for m in received)

@@ -24,7 +24,8 @@ from appliance.errors import BundleError
 from appliance.preprocess import PreprocessSpec
 
 METADATA_FILE = "metadata.json"
-BUNDLE_SCHEMA_VERSION = 1
+# 2: decision_by_precision. Version 1 bundles still load (their one operating point serves every precision).
+BUNDLE_SCHEMA_VERSION = 2
 CLASS_NAMES = ("no_defect", "defect")
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -79,13 +80,21 @@ class BundleMetadata(BaseModel):
     class_names: tuple[str, ...] = CLASS_NAMES
     defect_index: int = 1
     preprocess: PreprocessSpec
-    decision: DecisionDefaults
+    decision: DecisionDefaults  # FP32's, and the default for a precision not in decision_by_precision
+    # Operating points of the reduced precisions, chosen by the same rule on the validation split from that
+    # precision's ONNX scores: INT8 moves scores near the threshold, so FP32's threshold would cost INT8
+    # engines defect recall.
+    decision_by_precision: dict[Literal["fp32", "fp16", "int8"], DecisionDefaults] = Field(default_factory=dict)
     # What the model was trained on: dataset kind, source, image count, a content fingerprint.
     training: dict[str, object] = Field(default_factory=dict)
     # Held-out metrics per precision, e.g. {"fp32": {...}, "int8": {...}}.
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
     export: dict[str, object] = Field(default_factory=dict)
     files: dict[str, BundleFile] = Field(default_factory=dict)
+
+    def decision_for(self, precision: str) -> DecisionDefaults:
+        """The operating point for engines of `precision` ("fp32", "fp16", "int8")."""
+        return self.decision_by_precision.get(precision, self.decision)  # type: ignore[arg-type]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -146,6 +155,13 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
         raw = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
+    # The version first: a newer bundle's new keys would otherwise read as unknown-key errors.
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if isinstance(version, int) and version > BUNDLE_SCHEMA_VERSION:
+        raise BundleError(
+            f"{meta_path} has schema_version {version}; this software reads up to {BUNDLE_SCHEMA_VERSION}",
+            hint="update the appliance software",
+        )
     try:
         metadata = BundleMetadata.model_validate(raw)
     except ValidationError as exc:
@@ -153,12 +169,6 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         raise BundleError(f"{meta_path} is invalid: {problems}") from exc
-    if metadata.schema_version > BUNDLE_SCHEMA_VERSION:
-        raise BundleError(
-            f"{meta_path} has schema_version {metadata.schema_version}; this software reads up to "
-            f"{BUNDLE_SCHEMA_VERSION}",
-            hint="update the appliance software",
-        )
     if verify:
         for role, entry in metadata.files.items():
             p = root / entry.path

@@ -56,9 +56,16 @@ def _cmd_show_bundle(args: argparse.Namespace) -> int:
     d = m.decision
     print(f"  decision    fail at defect probability >= {d.threshold:.4f}; manual band "
           f"[{d.band_low:.4f}, {d.band_high:.4f}] (target recall {d.target_recall})")
+    for precision, d in m.decision_by_precision.items():
+        print(f"  {precision:5s}       engines fail at >= {d.threshold:.4f}; manual band "
+              f"[{d.band_low:.4f}, {d.band_high:.4f}]")
     for precision, metrics in m.metrics.items():
         print(f"  {precision:5s}       held-out accuracy {metrics.get('accuracy', float('nan')):.4f}  "
-              f"recall {metrics.get('recall', float('nan')):.4f}  F1 {metrics.get('f1', float('nan')):.4f}")
+              f"recall {metrics.get('recall', float('nan')):.4f}  F1 {metrics.get('f1', float('nan')):.4f}"
+              " at the FP32 threshold")
+        if "own_point_threshold" in metrics:
+            print(f"              at its own threshold: accuracy {metrics['own_point_accuracy']:.4f}  "
+                  f"recall {metrics['own_point_recall']:.4f}  F1 {metrics['own_point_f1']:.4f}")
     for role, f in m.files.items():
         print(f"  file        {role:10s} {f.path:22s} {f.bytes:>10d} bytes  sha256 {f.sha256[:16]}...")
     return 0

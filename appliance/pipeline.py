@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -124,7 +124,10 @@ class SlotPool:
 class PipelineConfig:
     station_id: str
     spec: PreprocessSpec
-    operating_point: OperatingPoint
+    operating_point: OperatingPoint  # for a backend not in operating_point_by_backend
+    # By backend name ("tensorrt", "onnxruntime"): an INT8 engine and its FP32 CPU fallback need different
+    # thresholds, and the backend can change between two parts.
+    operating_point_by_backend: Mapping[str, OperatingPoint] = field(default_factory=dict)
     mode: Mode = Mode.PRODUCTION
     triggered: bool = False
     defect_index: int = 1
@@ -372,7 +375,8 @@ class Pipeline:
             if insp.error is not None:
                 verdict, ai_verdict, reason = "error", None, f"frame error: {insp.error}"
             else:
-                d = decide_part(insp.score, self.config.operating_point, mode, insp.why_no_model)
+                op = self.config.operating_point_by_backend.get(insp.backend, self.config.operating_point)
+                d = decide_part(insp.score, op, mode, insp.why_no_model)
                 verdict, ai_verdict, reason = d.verdict.value, d.ai_verdict.value if d.ai_verdict else None, d.reason
             t = insp.t
             latency = {

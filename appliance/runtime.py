@@ -33,9 +33,9 @@ log = logging.getLogger("appliance")
 SLOTS = 3  # two for double buffering between preprocess and inference, one spare for the inference thread
 
 
-def operating_point(settings: StationSettings, bundle: Bundle) -> OperatingPoint:
-    """The bundle's operating point with the station's overrides applied (validated together)."""
-    d, o = bundle.metadata.decision, settings.decision
+def operating_point(settings: StationSettings, bundle: Bundle, precision: str = "fp32") -> OperatingPoint:
+    """The bundle's operating point for `precision`, with the station's overrides applied (validated together)."""
+    d, o = bundle.metadata.decision_for(precision), settings.decision
     threshold = o.threshold if o.threshold is not None else d.threshold
     low = o.band_low if o.band_low is not None else min(d.band_low, threshold)
     high = o.band_high if o.band_high is not None else max(d.band_high, threshold)
@@ -43,6 +43,18 @@ def operating_point(settings: StationSettings, bundle: Bundle) -> OperatingPoint
         return OperatingPoint(threshold, low, high)
     except ValueError as exc:
         raise ConfigError(f"decision: threshold {threshold} with band [{low}, {high}]: {exc}") from exc
+
+
+def operating_points(settings: StationSettings, bundle: Bundle) -> dict[str, OperatingPoint]:
+    """Operating point by backend name: the TensorRT engine's precision, and FP32 for the ONNX Runtime path.
+
+    A station whose INT8 engine falls back to the CPU switches threshold with the backend, so each part
+    is judged at the point chosen for the scores that judged it.
+    """
+    return {
+        "tensorrt": operating_point(settings, bundle, settings.inference.precision),
+        "onnxruntime": operating_point(settings, bundle, "fp32"),
+    }
 
 
 def find_engine(settings: StationSettings, bundle: Bundle, device: DeviceInfo | None = None) -> Path:
@@ -139,7 +151,7 @@ def build_station(settings: StationSettings, reporter=None, source=None, mqtt: b
     from appliance.camera import open_source
 
     bundle = load_bundle(settings.model.bundle, verify=settings.model.verify_bundle)
-    op = operating_point(settings, bundle)
+    ops = operating_points(settings, bundle)
     link_config = mqtt_link_config(settings) if (settings.mqtt.enabled if mqtt is None else mqtt) else None
     data = settings.storage.data_dir
     results = ResultsLog(data / "results.sqlite3")
@@ -154,7 +166,9 @@ def build_station(settings: StationSettings, reporter=None, source=None, mqtt: b
             data_dir=data,
         )
     config = PipelineConfig(
-        station_id=settings.station.id, spec=bundle.metadata.preprocess, operating_point=op,
+        station_id=settings.station.id, spec=bundle.metadata.preprocess,
+        operating_point=ops["onnxruntime" if settings.inference.backend == "onnxruntime" else "tensorrt"],
+        operating_point_by_backend=ops,
         mode=Mode(settings.decision.mode), triggered=settings.trigger.mode == "triggered",
         defect_index=bundle.metadata.defect_index,
     )

@@ -106,5 +106,6 @@ def validate(infer_one: Callable[[np.ndarray], np.ndarray], bundle: Bundle, prec
     inputs, reference, name = golden_reference(bundle, precision)
     outputs = np.concatenate([np.asarray(infer_one(inputs[i:i + 1]), dtype=np.float32).reshape(1, -1)
                               for i in range(len(inputs))])
-    d = bundle.metadata.decision
+    # Decisions are compared at the threshold this precision's engines run at on the line.
+    d = bundle.metadata.decision_for(precision)
     return compare(reference, outputs, precision, d.threshold, bundle.metadata.defect_index, name)

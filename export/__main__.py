@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = f"  agreement vs fp32 {agreement:.4f}" if agreement is not None else ""
         print(f"  {precision:5s} held-out accuracy {m['accuracy']:.4f}  recall {m['recall']:.4f}  "
               f"F1 {m['f1']:.4f}{extra}")
+        if "own_point_threshold" in m:
+            print(f"        at its own threshold {m['own_point_threshold']:.4f}: accuracy {m['own_point_accuracy']:.4f}"
+                  f"  recall {m['own_point_recall']:.4f}  F1 {m['own_point_f1']:.4f}")
     return 0
 
 

@@ -27,7 +27,7 @@ from appliance.errors import BundleError
 from appliance.ort_backend import OnnxRuntimeBackend
 from appliance.preprocess import PreprocessSpec, preprocess_batch
 from training.datasets import Sample
-from training.metrics import binary_metrics, softmax_defect_score
+from training.metrics import binary_metrics, choose_operating_point, roc_auc, softmax_defect_score
 
 ORT_PRECISIONS = {"fp32": "onnx_fp32", "fp16": "onnx_fp16", "int8": "onnx_int8"}
 
@@ -81,7 +81,8 @@ def build_bundle(
     except RuntimeError as exc:
         raise BundleError(f"{run_dir / 'final.pt'} does not match backbone {cfg.backbone}: {exc}") from exc
 
-    steps = ["load data", "fp32 onnx", "parity", "int8", "fp16", "held-out scoring", "golden + metadata"]
+    steps = ["load data", "fp32 onnx", "parity", "int8", "fp16", "operating points", "held-out scoring",
+             "golden + metadata"]
     bar = tqdm(total=len(steps), desc="export", unit="step")
 
     def step(label: str) -> None:
@@ -115,21 +116,43 @@ def build_bundle(
             convert_fp16(fp32, tmp / ROLE_FILES["onnx_fp16"])
         step("fp16")
 
-        # Held-out accuracy of every precision, in ONNX Runtime, at the operating threshold.
-        test = splits["test"]
-        labels = np.array([s.label for s in test])
+        # Each reduced precision gets its own operating point, chosen on the validation split from its own
+        # ONNX scores by training's rule (never on the test split).
         roles = [p for p in ORT_PRECISIONS if (tmp / ROLE_FILES[ORT_PRECISIONS[p]]).exists()]
         backends = {p: OnnxRuntimeBackend(tmp / ROLE_FILES[ORT_PRECISIONS[p]]) for p in roles}
+        val = splits["val"]
+        val_labels = np.array([s.label for s in val])
+        decision_by_precision: dict[str, DecisionDefaults] = {}
+        for p, backend in backends.items():
+            if p == "fp32":
+                continue
+            t, low, high = choose_operating_point(
+                val_labels, _scores(backend, val, spec), decision.target_recall, cfg.max_manual_fraction
+            )
+            decision_by_precision[p] = DecisionDefaults(
+                threshold=t, band_low=low, band_high=high, target_recall=decision.target_recall
+            )
+        step("operating points")
+
+        # Held-out accuracy of every precision, in ONNX Runtime: at FP32's threshold (how far the precision
+        # moves decisions) and at its own operating point (what its engines do on the line).
+        test = splits["test"]
+        labels = np.array([s.label for s in test])
         metrics: dict[str, dict[str, float]] = {}
         scores: dict[str, np.ndarray] = {}
         for p, backend in backends.items():
             scores[p] = _scores(backend, test, spec)
             m = binary_metrics(labels, scores[p], decision.threshold)
             metrics[p] = {k: float(v) for k, v in m.to_dict().items()}
+            # Threshold-free: says whether a precision loses ranking or only shifts scores.
+            metrics[p]["roc_auc"] = roc_auc(labels, scores[p])
             if p != "fp32":
                 agree = np.mean((scores[p] >= decision.threshold) == (scores["fp32"] >= decision.threshold))
                 metrics[p]["decision_agreement_vs_fp32"] = float(agree)
                 metrics[p]["accuracy_delta_vs_fp32"] = metrics[p]["accuracy"] - metrics["fp32"]["accuracy"]
+                own = binary_metrics(labels, scores[p], decision_by_precision[p].threshold)
+                for key in ("threshold", "accuracy", "recall", "false_positive_rate", "f1"):
+                    metrics[p][f"own_point_{key}"] = float(getattr(own, key))
         step("held-out scoring")
 
         golden_arrays = {
@@ -146,6 +169,7 @@ def build_bundle(
             name=name or run_dir.name,
             created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             backbone=cfg.backbone, class_names=CLASS_NAMES, preprocess=spec, decision=decision,
+            decision_by_precision=decision_by_precision,
             training=dict(final["training"]), metrics=metrics, export=export_info, files=files,
         )
         write_metadata(tmp, metadata)

@@ -163,7 +163,11 @@ def test_onnx_runtime_against_its_own_golden_logits_passes(bundle_dir: Path):
     assert result.images == 8 and "logits_fp32" in result.reference and "PASSED" in result.summary()
     assert "logits_fp32" in validate(ort.infer, bundle, "fp16").reference
     int8 = OnnxRuntimeBackend(bundle.path("onnx_int8"), threads=1)
-    assert validate(int8.infer, bundle, "int8").passed
+    int8_result = validate(int8.infer, bundle, "int8")
+    assert int8_result.passed
+    # INT8 decisions are compared at the threshold INT8 engines run at, not FP32's
+    assert int8_result.threshold == bundle.metadata.decision_for("int8").threshold
+    assert result.threshold == bundle.metadata.decision.threshold
 
 
 def test_perturbed_outputs_fail_with_the_reason(bundle_dir: Path):

@@ -61,6 +61,47 @@ def test_bundle_holds_every_file_with_matching_hashes(bundle_dir: Path):
     assert len(bundle.metadata.training["fingerprint_sha256"]) == 64
 
 
+def test_each_reduced_precision_gets_its_operating_point_from_its_own_validation_scores(
+    bundle_dir: Path, trained_run: Path, parts_folder: Path
+):
+    from appliance.bundle import DecisionDefaults
+    from appliance.preprocess import preprocess_batch
+    from training.metrics import choose_operating_point, softmax_defect_score
+
+    meta = load_bundle(bundle_dir).metadata
+    assert set(meta.decision_by_precision) == {"fp16", "int8"}  # FP32's is `decision`, from training
+    cfg = tiny_config(parts_folder, trained_run)
+    val = split_samples(cfg, load_samples(cfg))["val"]
+    labels = np.array([s.label for s in val])
+    inputs = preprocess_batch([s.image for s in val], meta.preprocess)
+    for precision, role in (("fp16", "onnx_fp16"), ("int8", "onnx_int8")):
+        scores = softmax_defect_score(OnnxRuntimeBackend(bundle_dir / ROLE_FILES[role]).infer(inputs))
+        t, low, high = choose_operating_point(labels, scores, meta.decision.target_recall, cfg.max_manual_fraction)
+        expected = DecisionDefaults(threshold=t, band_low=low, band_high=high,
+                                    target_recall=meta.decision.target_recall)
+        assert meta.decision_for(precision) == expected
+        assert meta.metrics[precision]["own_point_threshold"] == pytest.approx(t)
+        assert 0.0 <= meta.metrics[precision]["own_point_recall"] <= 1.0
+        assert 0.0 <= meta.metrics[precision]["roc_auc"] <= 1.0
+    assert meta.decision_for("fp32") == meta.decision
+
+
+def test_a_version_1_bundle_still_loads_and_a_newer_one_asks_for_an_update(bundle_dir: Path, tmp_path: Path):
+    old = tmp_path / "v1"
+    shutil.copytree(bundle_dir, old)
+    raw = json.loads((old / "metadata.json").read_text())
+    raw["schema_version"] = 1
+    del raw["decision_by_precision"]
+    (old / "metadata.json").write_text(json.dumps(raw))
+    meta = load_bundle(old).metadata
+    assert meta.decision_for("int8") == meta.decision  # one operating point for every precision
+    raw.update(schema_version=99, a_key_from_the_future=True)
+    (old / "metadata.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="schema_version 99") as err:
+        load_bundle(old)
+    assert str(old / "metadata.json") in str(err.value) and "update the appliance" in err.value.hint
+
+
 def test_exported_onnx_matches_pytorch_on_real_images(bundle_dir: Path, trained_run: Path):
     from training.model import build_model
 

@@ -17,12 +17,12 @@ import cv2
 import pytest
 
 from appliance.camera import open_source
-from appliance.decision import Mode
+from appliance.decision import Mode, OperatingPoint
 from appliance.errors import GpuUnavailableError
 from appliance.ort_backend import OnnxRuntimeBackend
 from appliance.pipeline import Pipeline, PipelineConfig
 from appliance.results_log import ResultsLog
-from appliance.runtime import LogReporter, build_pipeline, operating_point
+from appliance.runtime import LogReporter, build_pipeline, operating_point, operating_points
 from appliance.settings import CameraSection, StationSettings
 from appliance.supervisor import BackendSupervisor
 from training.synthetic import render_part
@@ -159,6 +159,50 @@ def test_gpu_lost_mid_run_goes_to_manual_within_one_part_and_comes_back(tmp_path
     assert records[-1].mode == "production" and records[-1].backend == "tensorrt"
     kinds = [k for _, k, _ in results.events()]
     assert kinds[:2] == ["gpu_lost", "manual_fallback"] and "gpu_back" in kinds
+
+
+def test_engines_of_each_precision_get_their_operating_point_and_station_overrides_win(tmp_path: Path,
+                                                                                        bundle_dir: Path):
+    from appliance.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    meta = bundle.metadata
+    int8 = _settings(tmp_path, bundle_dir, "x", inference={"backend": "tensorrt", "precision": "int8"})
+    ops = operating_points(int8, bundle)
+    assert ops["tensorrt"].threshold == meta.decision_for("int8").threshold
+    assert ops["onnxruntime"].threshold == meta.decision.threshold  # the CPU fallback runs the FP32 ONNX
+    fp16 = _settings(tmp_path, bundle_dir, "x", inference={"backend": "tensorrt", "precision": "fp16"})
+    assert operating_points(fp16, bundle)["tensorrt"].band_high == meta.decision_for("fp16").band_high
+    fixed = _settings(tmp_path, bundle_dir, "x", inference={"precision": "int8"},
+                      decision={"threshold": 0.42, "band_low": 0.4, "band_high": 0.45})
+    assert set(operating_points(fixed, bundle).values()) == {OperatingPoint(0.42, 0.4, 0.45)}
+
+
+def test_a_part_is_judged_at_the_operating_point_of_the_backend_that_scored_it(tmp_path: Path, bundle_dir: Path):
+    # "tensorrt" fails every part (threshold 0), the ONNX Runtime fallback passes every part (threshold 1):
+    # the verdicts show which operating point judged each part across the switch.
+    from appliance.bundle import load_bundle
+
+    onnx = load_bundle(bundle_dir).path("onnx_fp32")
+    folder = _frames(tmp_path / "frames", 6)
+    config = PipelineConfig(
+        station_id="st-test", spec=load_bundle(bundle_dir).metadata.preprocess,
+        operating_point=OperatingPoint(0.5, 0.5, 0.5),
+        operating_point_by_backend={"tensorrt": OperatingPoint(0.0, 0.0, 0.0),
+                                    "onnxruntime": OperatingPoint(1.0, 1.0, 1.0)},
+    )
+
+    def sup(on_event):
+        return BackendSupervisor(lambda: DiesOnCall(OnnxRuntimeBackend(onnx, slots=3, model_id="m"), fail_at=3),
+                                 "tensorrt", lambda: OnnxRuntimeBackend(onnx, slots=3, model_id="m"), on_event,
+                                 retry_initial_s=3600, retry_max_s=3600)
+
+    results = ResultsLog(tmp_path / "r.sqlite3")
+    _run(Pipeline(config, open_source(CameraSection(source=str(folder))), sup, LogReporter(results, echo=False)))
+    records = list(results.inspections())
+    assert [(r.backend, r.verdict) for r in records[:2]] == [("tensorrt", "fail")] * 2
+    after = [r for r in records[2:] if r.backend == "onnxruntime"]
+    assert len(after) >= 3 and {r.verdict for r in after} == {"pass"}
 
 
 def test_cpu_fallback_when_tensorrt_is_missing(tmp_path: Path, bundle_dir: Path):

@@ -226,6 +226,20 @@ def uncertainty_band(
     return max(0.0, threshold - half_width), min(1.0, threshold + half_width)
 
 
+def choose_operating_point(
+    labels: np.ndarray, scores: np.ndarray, target_recall: float, max_manual_fraction: float
+) -> tuple[float, float, float]:
+    """(threshold, band_low, band_high) chosen on these (validation) scores.
+
+    The one rule for every operating point the project writes: the threshold for `target_recall`, then
+    the uncertainty band around it. Training applies it to the PyTorch model's scores, export to each
+    precision's ONNX scores, so an INT8 engine gets a threshold that fits INT8 scores.
+    """
+    threshold = threshold_for_recall(labels, scores, target_recall)
+    low, high = uncertainty_band(labels, scores, threshold, max_manual_fraction)
+    return threshold, low, high
+
+
 def band_outcomes(
     labels: np.ndarray, scores: np.ndarray, threshold: float, low: float, high: float
 ) -> dict[str, float | int]:

@@ -42,7 +42,7 @@ from training.datasets import (
     load_synthetic,
     stratified_split,
 )
-from training.metrics import roc_auc, softmax_defect_score, threshold_for_recall, uncertainty_band
+from training.metrics import choose_operating_point, roc_auc, softmax_defect_score
 from training.model import Backbone, build_model
 from training.report import write_report
 
@@ -445,8 +445,8 @@ def finish(cfg: TrainConfig, model: nn.Module, splits: dict[str, list[Sample]], 
     out = cfg.out_dir
     val_labels = np.array([s.label for s in splits["val"]])
     val_scores = softmax_defect_score(predict_logits(model, splits["val"], spec, device))
-    threshold = threshold_for_recall(val_labels, val_scores, cfg.target_recall)
-    band = uncertainty_band(val_labels, val_scores, threshold, cfg.max_manual_fraction)
+    threshold, low, high = choose_operating_point(val_labels, val_scores, cfg.target_recall, cfg.max_manual_fraction)
+    band = (low, high)
 
     test = splits["test"]
     test_labels = np.array([s.label for s in test])

@@ -58,6 +58,7 @@ def build_bundle(
     calibration_images: int = 256,
     golden_images: int = 32,
     calibration_method: str = "percentile",
+    float_convs: int | None = None,
     int8: bool = True,
     fp16: bool = True,
 ) -> Path:
@@ -109,7 +110,8 @@ def build_bundle(
         if int8:
             calib = _pick(splits["train"], calibration_images, seed=cfg.seed + 7)
             export_info["int8"] = quantize_int8(
-                fp32, tmp / ROLE_FILES["onnx_int8"], [s.image for s in calib], spec, method=calibration_method
+                fp32, tmp / ROLE_FILES["onnx_int8"], [s.image for s in calib], spec, method=calibration_method,
+                **({} if float_convs is None else {"float_convs": float_convs}),
             )
         step("int8")
         if fp16:
@@ -150,6 +152,7 @@ def build_bundle(
                 agree = np.mean((scores[p] >= decision.threshold) == (scores["fp32"] >= decision.threshold))
                 metrics[p]["decision_agreement_vs_fp32"] = float(agree)
                 metrics[p]["accuracy_delta_vs_fp32"] = metrics[p]["accuracy"] - metrics["fp32"]["accuracy"]
+                metrics[p]["mean_abs_score_diff_vs_fp32"] = float(np.mean(np.abs(scores[p] - scores["fp32"])))
                 own = binary_metrics(labels, scores[p], decision_by_precision[p].threshold)
                 for key in ("threshold", "accuracy", "recall", "false_positive_rate", "f1"):
                     metrics[p][f"own_point_{key}"] = float(getattr(own, key))

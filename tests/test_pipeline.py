@@ -145,6 +145,34 @@ def test_int8_model_is_symmetric_qdq_that_tensorrt_accepts(bundle_dir: Path):
     assert gemm.input[1] in inits  # float weight straight from an initializer, no DequantizeLinear
     metrics = load_bundle(bundle_dir).metadata.metrics["int8"]
     assert 0.0 <= metrics["decision_agreement_vs_fp32"] <= 1.0
+    assert 0.0 <= metrics["mean_abs_score_diff_vs_fp32"] <= 1.0
+
+
+def test_the_first_convolutions_stay_float_and_the_rest_are_int8(bundle_dir: Path):
+    from export.quantize import FLOAT_CONVS
+
+    model = onnx.load(load_bundle(bundle_dir).path("onnx_int8"))
+    produced_by = {out: n.op_type for n in model.graph.node for out in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    # a quantized conv reads its activation and its weight through DequantizeLinear; a float one reads neither
+    fed_by_dq = [produced_by.get(c.input[0]) == "DequantizeLinear" and produced_by.get(c.input[1]) == "DequantizeLinear"
+                 for c in convs]
+    assert fed_by_dq == [False] * FLOAT_CONVS + [True] * (len(convs) - FLOAT_CONVS)
+    info = load_bundle(bundle_dir).metadata.export["int8"]
+    assert info["float_convs"] == FLOAT_CONVS
+    assert info["float_nodes"][:FLOAT_CONVS] == [c.name for c in convs[:FLOAT_CONVS]]
+
+
+def test_more_float_convolutions_than_the_model_has_is_refused_naming_the_file(bundle_dir: Path, tmp_path: Path):
+    from export.quantize import quantize_int8
+    from training.synthetic import render_part
+
+    bundle = load_bundle(bundle_dir)
+    frames = [render_part(900 + i, None, 64) for i in range(4)]
+    with pytest.raises(ValueError, match=r"float_convs 500: .*model_fp32\.onnx has 49 convolutions"):
+        quantize_int8(bundle.path("onnx_fp32"), tmp_path / "q.onnx", frames, bundle.metadata.preprocess,
+                      float_convs=500)
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_check_qdq_flags_an_asymmetric_model(tmp_path: Path, bundle_dir: Path):

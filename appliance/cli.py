@@ -54,7 +54,7 @@ def _cmd_show_bundle(args: argparse.Namespace) -> int:
           f"resize {p.resize}, mean {p.mean}, std {p.std}")
     print(f"  classes     {', '.join(m.class_names)}")
     d = m.decision
-    print(f"  decision    fail at defect probability >= {d.threshold:.4f}; manual band "
+    print(f"  decision    fp32 and ONNX Runtime fail at defect probability >= {d.threshold:.4f}; manual band "
           f"[{d.band_low:.4f}, {d.band_high:.4f}] (target recall {d.target_recall})")
     for precision, d in m.decision_by_precision.items():
         print(f"  {precision:5s}       engines fail at >= {d.threshold:.4f}; manual band "

@@ -30,6 +30,11 @@ def test_show_bundle_verifies_and_describes(bundle_dir: Path, capsys: pytest.Cap
     assert main(["show-bundle", str(bundle_dir)]) == 0
     out = capsys.readouterr().out
     assert "hashes verified" in out and "model_int8_qdq.onnx" in out and "decision" in out
+    from appliance.bundle import load_bundle
+
+    int8 = load_bundle(bundle_dir).metadata.decision_for("int8")
+    assert f"int8        engines fail at >= {int8.threshold:.4f}" in out
+    assert "at its own threshold" in out
 
 
 def test_missing_bundle_exits_4_with_a_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -83,8 +83,8 @@ def quantize_int8(
     head = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     if not 0 <= float_convs < len(convs):
-        raise ValueError(f"float_convs {float_convs}: {fp32_path} has {len(convs)} convolutions; keep 0 to "
-                         f"{len(convs) - 1} of them float")
+        raise BundleError(f"float_convs {float_convs}: {fp32_path} has {len(convs)} convolutions; keep 0 to "
+                          f"{len(convs) - 1} of them float")
     float_nodes = convs[:float_convs] + head
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"

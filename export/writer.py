@@ -26,6 +26,7 @@ from appliance.bundle import (
 from appliance.errors import BundleError
 from appliance.ort_backend import OnnxRuntimeBackend
 from appliance.preprocess import PreprocessSpec, preprocess_batch
+from export.quantize import FLOAT_CONVS, quantize_int8
 from training.datasets import Sample
 from training.metrics import binary_metrics, choose_operating_point, roc_auc, softmax_defect_score
 
@@ -58,7 +59,7 @@ def build_bundle(
     calibration_images: int = 256,
     golden_images: int = 32,
     calibration_method: str = "percentile",
-    float_convs: int | None = None,
+    float_convs: int = FLOAT_CONVS,
     int8: bool = True,
     fp16: bool = True,
 ) -> Path:
@@ -67,7 +68,6 @@ def build_bundle(
 
     from export.fp16 import convert_fp16
     from export.onnx_export import export_onnx, parity
-    from export.quantize import quantize_int8
     from training.model import build_model
     from training.trainer import TrainConfig, load_checkpoint, load_samples, split_samples
 
@@ -111,7 +111,7 @@ def build_bundle(
             calib = _pick(splits["train"], calibration_images, seed=cfg.seed + 7)
             export_info["int8"] = quantize_int8(
                 fp32, tmp / ROLE_FILES["onnx_int8"], [s.image for s in calib], spec, method=calibration_method,
-                **({} if float_convs is None else {"float_convs": float_convs}),
+                float_convs=float_convs,
             )
         step("int8")
         if fp16:

@@ -169,7 +169,7 @@ def test_more_float_convolutions_than_the_model_has_is_refused_naming_the_file(b
 
     bundle = load_bundle(bundle_dir)
     frames = [render_part(900 + i, None, 64) for i in range(4)]
-    with pytest.raises(ValueError, match=r"float_convs 500: .*model_fp32\.onnx has 49 convolutions"):
+    with pytest.raises(BundleError, match=r"float_convs 500: .*model_fp32\.onnx has 49 convolutions"):
         quantize_int8(bundle.path("onnx_fp32"), tmp_path / "q.onnx", frames, bundle.metadata.preprocess,
                       float_convs=500)
     assert not (tmp_path / "q.onnx").exists()

@@ -135,14 +135,32 @@ def test_precision_scores_of_the_wrong_length_are_rejected(tmp_path, evaluation)
         write(tmp_path, evaluation, precision_scores={"int8": evaluation["scores"][:-1]})
 
 
-def test_four_class_block_holds_confusion_and_accuracy(tmp_path, evaluation):
+def test_four_class_block_holds_confusion_accuracy_and_errors_by_level(tmp_path):
+    # Six parts, threshold 0.5: levels 0/1 are "no defect", 2/3 "defect" (labels follow the level).
     true_4 = np.array([0, 1, 2, 3, 3, 2])
     pred_4 = np.array([0, 1, 2, 3, 2, 2])
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    # Wrong decisions: the level-1 part (0.7, a false alarm) and one level-3 part (0.2, a miss).
+    scores = np.array([0.1, 0.7, 0.6, 0.9, 0.2, 0.8])
+    names = [f"cell{i}" for i in range(6)]
 
-    report = write(tmp_path, evaluation, four_class=(true_4, pred_4))
+    report = write_report(tmp_path, labels, scores, 0.5, (0.4, 0.6), names, title="t", four_class=(true_4, pred_4))
 
     assert report["four_class"]["accuracy"] == pytest.approx(5 / 6)
     assert report["four_class"]["confusion"] == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 1, 1]]
+    assert report["four_class"]["decision_errors_by_level"] == [
+        {"level": 0, "n": 1, "errors": 0},
+        {"level": 1, "n": 1, "errors": 1},
+        {"level": 2, "n": 2, "errors": 0},
+        {"level": 3, "n": 2, "errors": 1},
+    ]
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "| 1 | 1 | 1 |" in markdown and "| 3 | 2 | 1 |" in markdown
+
+
+def test_four_class_levels_must_match_the_labels(tmp_path, evaluation):
+    with pytest.raises(ValueError, match="6 true levels for 200 labels"):
+        write(tmp_path, evaluation, four_class=(np.zeros(6, int), np.zeros(6, int)))
 
 
 def test_numpy_values_in_extra_are_written_as_plain_json(tmp_path, evaluation):

@@ -1,12 +1,14 @@
 """Score ELPV runs alone, with test-time flips, and averaged together: does an ensemble reach issue #2's targets?
 
-    python -m tools.elpv_ensemble RUN [RUN ...] [--flips] [--target-recall 0.9]
+    python -m tools.elpv_ensemble RUN [RUN ...] [--flips] [--target-recall 0.9] [--input-size N]
 
 Each run's final.pt scores the validation and test splits of its split.json (all runs must share it);
 logits are cached beside the run (`logits_<split>[_flip].npy`). For every single run and every
 combination, the defect probability is the mean over models (and flips); the operating threshold is
 chosen on validation for the target recall, exactly as training does, and the test split is scored
 at 0.5 and at that threshold. CPU is fine: no training, one forward pass per image per model.
+`--input-size N` scores at another input size than the run was trained at (test-time resolution: the
+cells are resized bilinearly; cached as `logits_<split>[_flip]_<N>px.npy`).
 """
 
 from __future__ import annotations
@@ -20,18 +22,21 @@ from pathlib import Path
 import numpy as np
 
 
-def _logits(run: Path, split: str, flip: str | None) -> np.ndarray:
+def _logits(run: Path, split: str, flip: str | None, size: int | None = None) -> np.ndarray:
     import torch
 
     from training.model import build_model
     from training.trainer import TrainConfig, _device, load_checkpoint, load_samples, predict_logits, split_samples
 
-    cache = run / f"logits_{split}{'_' + flip if flip else ''}.npy"
-    if cache.is_file():
-        return np.load(cache)
     final = load_checkpoint(run / "final.pt")
     cfg = TrainConfig.model_validate(dict(final["config"], out_dir=str(run), device="auto", data_dir=None))
     spec = cfg.preprocess_spec()
+    resized = size is not None and size != cfg.input_size
+    cache = run / f"logits_{split}{'_' + flip if flip else ''}{f'_{size}px' if resized else ''}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    if resized:
+        spec = spec.model_copy(update={"input_height": size, "input_width": size, "interpolation": "linear"})
     model = build_model(cfg.backbone, spec.channels, cfg.input_size, pretrained=False, dropout=cfg.dropout)
     model.load_state_dict(final["model_state"])
     device = _device(cfg)
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--flips", action="store_true", help="also average horizontal and vertical flips")
     parser.add_argument("--target-recall", type=float, default=0.9)
+    parser.add_argument("--input-size", type=int, help="score at this input size (default: each run's own)")
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args(argv)
     splits = {json.dumps(json.loads((r / "split.json").read_text()), sort_keys=True) for r in args.runs}
@@ -89,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         for f in flips:
             print(f"scoring {run.name} {f or ''}", file=sys.stderr, flush=True)
-            probs[(run, f, "val")] = softmax_defect_score(_logits(run, "val", f))
-            probs[(run, f, "test")] = softmax_defect_score(_logits(run, "test", f))
+            probs[(run, f, "val")] = softmax_defect_score(_logits(run, "val", f, args.input_size))
+            probs[(run, f, "test")] = softmax_defect_score(_logits(run, "test", f, args.input_size))
     rows = []
     for k in range(1, len(args.runs) + 1):
         for combo in itertools.combinations(args.runs, k):

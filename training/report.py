@@ -132,11 +132,20 @@ def build_report(
         report["precisions"] = _compare_precisions(labels, scores, threshold, (low, high), precision_scores)
     if four_class is not None:
         true_4, pred_4 = (np.asarray(a) for a in four_class)
+        if true_4.shape != np.shape(labels):
+            raise ValueError(f"four_class has {true_4.size} true levels for {np.size(labels)} labels")
+        # Where the pass/fail decision goes wrong, by the annotators' level: tells label ambiguity (the
+        # middle levels) apart from plain misses and false alarms (the outer ones).
+        wrong = (np.asarray(scores) >= threshold) != (np.asarray(labels) == 1)
         report["four_class"] = {
             "n": int(true_4.size),
             "accuracy": multiclass_accuracy(true_4, pred_4),
             "confusion": confusion_matrix(true_4, pred_4, FOUR_CLASS_COUNT).tolist(),
             "confusion_layout": "rows are the true class, columns the predicted class",
+            "decision_errors_by_level": [
+                {"level": level, "n": int((true_4 == level).sum()), "errors": int(wrong[true_4 == level].sum())}
+                for level in range(FOUR_CLASS_COUNT)
+            ],
         }
     return _plain(report)
 
@@ -221,6 +230,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for true_class, row in enumerate(four["confusion"]):
             lines.append(f"| {true_class} | " + " | ".join(str(c) for c in row) + " |")
         lines.append("")
+        if four.get("decision_errors_by_level"):
+            lines += [
+                "Pass/fail errors at the operating point, by annotated level:",
+                "",
+                "| level | parts | wrong decisions |",
+                "|---|---|---|",
+            ]
+            lines += [f"| {e['level']} | {e['n']} | {e['errors']} |" for e in four["decision_errors_by_level"]]
+            lines.append("")
     lines += [
         "## Plots",
         "",

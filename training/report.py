@@ -229,16 +229,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         ]
         for true_class, row in enumerate(four["confusion"]):
             lines.append(f"| {true_class} | " + " | ".join(str(c) for c in row) + " |")
+        lines += [
+            "",
+            "Pass/fail errors at the operating point, by annotated level:",
+            "",
+            "| level | parts | wrong decisions |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {e['level']} | {e['n']} | {e['errors']} |" for e in four["decision_errors_by_level"]]
         lines.append("")
-        if four.get("decision_errors_by_level"):
-            lines += [
-                "Pass/fail errors at the operating point, by annotated level:",
-                "",
-                "| level | parts | wrong decisions |",
-                "|---|---|---|",
-            ]
-            lines += [f"| {e['level']} | {e['n']} | {e['errors']} |" for e in four["decision_errors_by_level"]]
-            lines.append("")
     lines += [
         "## Plots",
         "",

@@ -8,22 +8,36 @@ stamped with the old connection's numbers). The outbox alone decides what is sen
 a row is deleted only on the broker's PUBACK; everything else (outage, crash, refused login) leaves it
 stored, and it is replayed in order, flagged `replayed`, on the next connection.
 
-On every connect: the retained `status` = online (with the bdSeq of this connection's will), the retained
-`birth`, the subscription to `<prefix>/cmd/+`, then the outbox backlog oldest first. On a graceful stop:
-drain the outbox (bounded), the retained `status` = stopped, a clean DISCONNECT (so no will is sent).
+On every connect: the subscription to `<prefix>/cmd/+` (and its SUBACK), then the retained `status` =
+online (with the bdSeq of this connection's will), the retained `birth`, then the outbox backlog oldest
+first. Subscribing first, as Sparkplug orders it: a controller that sends a command the moment it sees the
+birth must find the station listening. The subscription asks for Retain As Published, so a retained
+command is recognised as retained also when it arrives live (and refused). On a graceful stop: drain the
+outbox (bounded), the retained `status` = stopped, a clean DISCONNECT (so no will is sent).
 
 MQTT 5, so the broker can say *why* it refused a publish (an ACL denial comes back as PUBACK "Not
 authorized" instead of being silently dropped, as MQTT 3.1.1 would): such a message stays in the outbox
-and is retried on the next connection, and the reason goes to the log and the heartbeat.
+and is retried on the next connection, and the reason goes to the log and the heartbeat. No message may
+block the ones behind it: one larger than the broker's Maximum Packet Size (CONNACK) is never sent, and one
+refused `MAX_REFUSALS` times (PUBACK error, or the broker dropping the connection with an error while it
+was the one message in flight) is moved to the outbox's `dead_letters` table with the reason. After a
+broker error disconnect the next connection sends one message at a time until one is acknowledged, so
+the culprit is found without blaming the others.
+
+Every outbox call is guarded: a storage fault (disk full, locked, I/O error) is an error in the state and
+the log, never the end of this thread; heartbeats and events that the outbox cannot take come through
+`publish_direct`, a small memory queue published as they are.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
 import ssl
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +45,25 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.outbox import Outbox
 from appliance.payloads import BirthPayload, StatusPayload, Topics, restamp
+from appliance.sqlite_store import describe
+from appliance.threads import FailureSink, ThreadFailure, start_guarded
 
 log = logging.getLogger("appliance.mqtt")
 
 CommandSink = Callable[[str, bytes, bool], None]  # (command kind e.g. "cmd/mode", payload, retained)
 _LOGIN_REFUSED = {134, 135}  # MQTT 5: Bad User Name or Password, Not authorized
 _SESSION_TAKEN_OVER = 142
+MAX_REFUSALS = 3  # refusals of one message before it is moved to dead_letters
+DIRECT_QUEUE = 100  # heartbeats and events kept in memory for publish_direct (oldest dropped beyond)
+_STORAGE_RETRY_S = 1.0  # after a failed outbox read, wait this long before reading again
+# Broker DISCONNECT reason codes about something the client sent (MQTT 5.0, 3.14.2.1): Protocol Error,
+# Implementation specific error, Not authorized, Topic Name invalid, Packet too large, Quota exceeded,
+# Payload format invalid.
+_MESSAGE_ERRORS = {130, 131, 135, 144, 149, 151, 153}
 
 
 @dataclass(frozen=True)
@@ -77,10 +101,19 @@ class LinkState:
     failed_attempts: int  # consecutive failed attempts (0 while connected)
     last_error: str | None
     held: int  # messages the broker refused (e.g. ACL), kept for the next connection
+    dead_letters: int = 0  # messages moved aside by this process as undeliverable
+    max_packet_size: int | None = None  # the broker's Maximum Packet Size (CONNACK), None: no limit given
 
     def as_dict(self) -> dict[str, Any]:
         return {"connected": self.connected, "broker": self.broker, "connections": self.connections,
-                "failed_attempts": self.failed_attempts, "last_error": self.last_error, "held": self.held}
+                "failed_attempts": self.failed_attempts, "last_error": self.last_error, "held": self.held,
+                "dead_letters": self.dead_letters, "max_packet_size": self.max_packet_size}
+
+
+def _publish_size(topic: str, payload: str) -> int:
+    """Bytes of a QoS 1 PUBLISH packet (MQTT 5.0, 3.3): fixed header up to 5, topic length 2 + topic, packet
+    id 2, property length 1, payload; an upper bound close enough to compare with Maximum Packet Size."""
+    return 5 + 2 + len(topic.encode()) + 2 + 1 + len(payload.encode())
 
 
 class LinkError(Exception):
@@ -192,11 +225,14 @@ class MqttLink:
         outbox: Outbox,
         birth: Callable[[int], BirthPayload],
         on_command: CommandSink | None = None,
+        on_failure: FailureSink | None = None,
     ) -> None:
         self.config = config
         self.outbox = outbox
         self._birth = birth
         self._on_command = on_command
+        self._on_failure = on_failure
+        self.failure: ThreadFailure | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._wake.set()  # whatever a previous run left in the outbox goes first
@@ -210,6 +246,12 @@ class MqttLink:
         self._connections = 0
         self._failed = 0
         self._last_error: str | None = None
+        self._direct: deque[tuple[str, str]] = deque(maxlen=DIRECT_QUEUE)  # (topic, payload), any thread appends
+        # Across connections, touched only by the link thread:
+        self._refusals: Counter[int] = Counter()  # outbox row -> times the broker refused it
+        self._careful = False  # one message in flight at a time (after a broker error disconnect)
+        self._dead = 0
+        self._storage_retry_at = 0.0
         # Per connection, touched only by the link thread:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
         self._early: dict[int, Any] = {}  # acks that came before publish() returned (QoS 0)
@@ -221,14 +263,22 @@ class MqttLink:
         self._seq = 0
         self._bd_seq = 0  # of the current connection: its will, online status and birth carry it
         self._connected_wall = 0.0
+        self._max_packet: int | None = None  # the broker's Maximum Packet Size on this connection
+        self._suback: Any = None  # reason codes of the command subscription's SUBACK
+        self._sub_mid: int | None = None
 
     # --- used by other threads -----------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="mqtt-link", daemon=True)
-        self._thread.start()
+        self._thread = start_guarded("mqtt-link", self._run, self._thread_failed)
 
     def notify(self) -> None:
         """A message was put into the outbox: publish it without waiting for the next poll."""
+        self._wake.set()
+
+    def publish_direct(self, topic: str, payload_json: str) -> None:
+        """Publish from memory, bypassing the outbox (which cannot take it now): heartbeats and events during a
+        storage fault. At QoS 1 while connected; kept (the newest DIRECT_QUEUE) while not; lost on a crash."""
+        self._direct.append((topic, payload_json))
         self._wake.set()
 
     def request_rebirth(self) -> None:
@@ -240,7 +290,7 @@ class MqttLink:
     def state(self) -> LinkState:
         with self._lock:
             return LinkState(self._connected, self.config.broker, self._connections, self._failed,
-                             self._last_error, len(self._held))
+                             self._last_error, len(self._held), self._dead, self._max_packet)
 
     def stop(self, drain_timeout_s: float = 10.0) -> bool:
         """Publish what the outbox holds (up to `drain_timeout_s`), say `stopped`, disconnect cleanly.
@@ -270,7 +320,10 @@ class MqttLink:
                     self._failed += 1
                 self._throttle(logging.ERROR, str(exc), f"MQTT: {exc}; results are kept in the outbox "
                                f"({self.outbox.depth()} waiting), retrying")
-            except Exception as exc:  # never let the link thread die: the station would stop reporting
+            except (sqlite3.Error, OSError) as exc:  # the outbox (or the socket) failed under us: reconnect
+                self._set_error(f"{describe(exc)}")
+                self._throttle(logging.ERROR, describe(exc), f"MQTT link: {describe(exc)}; reconnecting")
+            except Exception as exc:  # a bug: reconnect rather than stop reporting
                 self._set_error(f"{type(exc).__name__}: {exc}")
                 log.exception("MQTT link failed unexpectedly; reconnecting")
             finally:
@@ -292,6 +345,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect(self) -> mqtt.Client:
@@ -306,10 +360,10 @@ class MqttLink:
         c = self.config
         self._seq = 0
         self._connected_wall = time.time()
+        self._subscribe_commands(client)
         online = StatusPayload(station=c.client_id, state="online", bd_seq=bd_seq)
         self._publish_control(client, "status", online.model_dump_json())
         self._publish_birth(client, bd_seq)
-        client.subscribe(c.topics.command_filter, qos=1)
         self._wake.set()
         with self._lock:
             self._connected = True
@@ -320,6 +374,28 @@ class MqttLink:
         self._connected_event.set()
         log.info("MQTT: connected to %s as %s (bdSeq %d%s); %d message(s) in the outbox", c.broker, c.client_id,
                  bd_seq, f", after {failed} failed attempt(s)" if failed else "", self.outbox.depth())
+
+    def _subscribe_commands(self, client: mqtt.Client) -> None:
+        """Subscribe to the command topics and wait for the SUBACK: only then is the station listening."""
+        c = self.config
+        self._suback = None
+        # Retain As Published: a retained command delivered live keeps retain=1, so it can be refused.
+        _, self._sub_mid = client.subscribe(c.topics.command_filter,
+                                            options=SubscribeOptions(qos=1, retainAsPublished=True))
+        deadline = time.monotonic() + c.connect_timeout_s
+        while self._suback is None:
+            if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS or self._disconnect_reason is not None:
+                raise LinkError(self._lost_message(MQTTErrorCode.MQTT_ERR_CONN_LOST, during="subscribe"))
+            if time.monotonic() > deadline:
+                raise LinkError(f"{c.broker} sent no SUBACK for {c.topics.command_filter} within "
+                                f"{c.connect_timeout_s:g} s")
+        failed = [rc for rc in self._suback if getattr(rc, "is_failure", False)]
+        if failed:
+            # Reporting still works without commands: say it loudly, keep the connection.
+            message = (f"{c.broker} refused the command subscription {c.topics.command_filter}: {failed[0]} "
+                       "(check the station's ACL: it must be allowed to read its own cmd/ topics)")
+            self._set_error(message)
+            log.error("MQTT: %s", message)
 
     def _publish_birth(self, client: mqtt.Client, bd_seq: int) -> None:
         birth = self._birth(bd_seq)
@@ -344,25 +420,47 @@ class MqttLink:
                                             or time.monotonic() > self._drain_deadline):
                 self._say_stopped(client)
                 return
+            self._pump_direct(client)
             self._pump(client)
 
+    def _pump_direct(self, client: mqtt.Client) -> None:
+        while self._direct:
+            topic, payload = self._direct[0]
+            self._seq += 1
+            info = client.publish(topic, restamp(payload, self._seq, replayed=False), qos=1)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return  # the connection broke: kept for the next one
+            self._direct.popleft()
+
     def _pump(self, client: mqtt.Client) -> None:
-        room = self.config.window - len(self._inflight)
-        if room <= 0 or not self._wake.is_set():
+        window = 1 if self._careful else self.config.window
+        room = window - len(self._inflight)
+        if room <= 0 or not self._wake.is_set() or time.monotonic() < self._storage_retry_at:
             return
         # Clear before reading: a put() that lands after the read sets it again, so nothing is missed.
         self._wake.clear()
-        messages = self.outbox.pending(room)
+        try:
+            messages = self.outbox.pending(room)
+        except (sqlite3.Error, OSError) as exc:
+            self._storage_failed("read the outbox", exc)
+            return
         if len(messages) == room:
             self._wake.set()  # more is waiting behind this batch
         handed: list[int] = []
         for m in messages:
             if m.id in self._held:
                 continue
+            payload = restamp(m.payload, self._seq + 1, replayed=m.created_at < self._connected_wall)
+            size = _publish_size(m.topic, payload)
+            if self._max_packet is not None and size > self._max_packet:
+                self._dead_letter(m.id, m.topic, f"{size} bytes, over the broker's Maximum Packet Size "
+                                  f"{self._max_packet}")
+                self._wake.set()
+                continue
             self._seq += 1
-            payload = restamp(m.payload, self._seq, replayed=m.created_at < self._connected_wall)
             info = client.publish(m.topic, payload, qos=m.qos)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._seq -= 1
                 self._wake.set()  # the connection broke under us: this and the rest stay pending
                 break
             handed.append(m.id)
@@ -374,21 +472,56 @@ class MqttLink:
         self.outbox.mark_in_flight(handed)
 
     def _flush_acks(self) -> None:
-        if self._acked:
-            self.outbox.ack_many(self._acked)
-            self._acked.clear()
-            self._wake.set()  # room in the window again
+        if not self._acked:
+            return
+        rows, self._acked = self._acked, []
+        for row in rows:
+            self._refusals.pop(row, None)
+        self._careful = False  # something got through: back to the full window
+        self._wake.set()  # room in the window again
+        try:
+            # The outbox remembers the acknowledgements even when this DELETE fails, and retries it.
+            self.outbox.ack_many(rows)
+        except (sqlite3.Error, OSError) as exc:
+            self._storage_failed("delete acknowledged messages from the outbox", exc)
 
     def _settle(self, row: int, topic: str, reason_code: Any) -> None:
         if getattr(reason_code, "is_failure", False):
-            # Kept (not acked) and not resent on this connection: retried after the next connect.
-            self._held.add(row)
+            # Kept (not acked) and not resent on this connection: retried after the next connect, up to
+            # MAX_REFUSALS times, then moved aside so it cannot hold up what comes after it.
+            self._refusals[row] += 1
             message = (f"{self.config.broker} refused a message on {topic}: {reason_code} (check the station's "
                        "ACL: it must be allowed to write under its own prefix)")
             self._set_error(message)
             self._throttle(logging.ERROR, f"refused:{topic}", f"MQTT: {message}")
+            if self._refusals[row] >= MAX_REFUSALS:
+                self._dead_letter(row, topic, f"refused {self._refusals[row]} times: {reason_code}")
+            else:
+                self._held.add(row)
         else:
             self._acked.append(row)
+
+    def _dead_letter(self, row: int, topic: str, reason: str) -> None:
+        self._refusals.pop(row, None)
+        try:
+            moved = self.outbox.dead_letter(row, reason)
+        except (sqlite3.Error, OSError) as exc:
+            self._storage_failed("move an undeliverable message to dead_letters", exc)
+            self._held.add(row)  # not resent on this connection; tried again after the next connect
+            return
+        if moved:
+            with self._lock:
+                self._dead += 1
+            message = f"message {row} on {topic} moved to the outbox's dead_letters: {reason}"
+            self._set_error(message)
+            log.error("MQTT: %s", message)
+
+    def _storage_failed(self, what: str, exc: BaseException) -> None:
+        message = f"cannot {what} ({self.outbox.path}): {describe(exc)}"
+        self._set_error(message)
+        self._throttle(logging.ERROR, f"storage:{what}", f"MQTT: {message}")
+        self._storage_retry_at = time.monotonic() + _STORAGE_RETRY_S
+        self._wake.set()
 
     def _say_stopped(self, client: mqtt.Client) -> None:
         c = self.config
@@ -419,6 +552,7 @@ class MqttLink:
                     sock.close()
             except Exception:  # closing a broken socket must not mask why it broke
                 log.debug("MQTT: error while closing the socket", exc_info=True)
+        self._note_broker_error()
         self._flush_acks()
         released = self.outbox.release_in_flight()
         if released:
@@ -427,6 +561,26 @@ class MqttLink:
         self._early.clear()
         self._held.clear()
         self._control.clear()
+
+    def _note_broker_error(self) -> None:
+        """A broker that dropped us with an error about what we sent: blame the one message in flight, or
+        send one at a time next time to find it."""
+        code = getattr(self._disconnect_reason, "value", None)
+        if code not in _MESSAGE_ERRORS or not self._inflight:
+            return
+        if len(self._inflight) == 1:
+            row = next(iter(self._inflight.values()))
+            self._refusals[row] += 1
+            if self._refusals[row] >= MAX_REFUSALS:
+                self._dead_letter(row, "(outbox)", f"the broker disconnected {self._refusals[row]} times while it "
+                                  f"was the only message in flight: {self._disconnect_reason}")
+        self._careful = True
+
+    def _thread_failed(self, failure: ThreadFailure) -> None:
+        self.failure = failure
+        self._set_error(failure.describe())
+        if self._on_failure is not None:
+            self._on_failure(failure)
 
     def _lost_message(self, rc: MQTTErrorCode, during: str) -> str:
         reason = self._disconnect_reason
@@ -440,7 +594,12 @@ class MqttLink:
 
     # --- paho callbacks (on the link thread, inside loop() or publish()) -------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._max_packet = getattr(properties, "MaximumPacketSize", None)
         self._connack = reason_code
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        if mid == self._sub_mid:
+            self._suback = list(reason_codes)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:

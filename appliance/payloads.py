@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from appliance.results_log import InspectionRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: health.storage
 
 # The same rule as the station ids in settings.py: they become topic levels, so no '/', '+' or '#'.
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -117,6 +117,9 @@ class HealthPayload(_Published):
     disk_free_mb: float | None = None
     # The broker link as the station saw it when the heartbeat was made (a replayed heartbeat shows the outage).
     mqtt: dict[str, Any] = Field(default_factory=dict)
+    # The station's stores as the writers see them (reporting.LogReporter.storage_status): `ok`, `pending` per
+    # store, `faults` (store, path, error, since_ms, pending), `failsafe`, `unrecorded`, `dead_letters`.
+    storage: dict[str, Any] = Field(default_factory=dict)
     last_error: str | None = None
 
     @field_validator("latency_p50_ms", "latency_p99_ms", "spool_oldest_age_s", "disk_free_mb", mode="before")
@@ -270,53 +273,211 @@ class Topics:
         return kind if kind in KINDS else None
 
 
+# What a rejected command can make the station say is bounded: a rejection's `field` and `reason` go into a
+# `command_rejected` event, the results log and a log line, and quote what a sender sent. The bounds count
+# characters of the ASCII JSON form (json.dumps' default, where "é" is 6 and a control character an escape),
+# never fewer than the UTF-8 bytes, so they bound the bytes on the wire and on disk whatever the encoder.
+COMMAND_ERROR_FIELD_MAX_CHARS = 64
+COMMAND_ERROR_REASON_MAX_CHARS = 300
+# One offending value as quoted inside a reason (a shortened repr).
+COMMAND_ERROR_VALUE_MAX_CHARS = 60
+# Problems named in a reason besides the first; the rest are only counted ("... and 8996 more problems").
+COMMAND_ERROR_OTHER_PROBLEMS_SHOWN = 3
+# The largest command payload that is parsed at all (mqtt.max_command_bytes). A real command is under 250
+# bytes ({"part_id": ...} with a 128-character part id, a 64-character message id, ts_ms): 4 KiB leaves room for
+# pretty-printing and a future field, and refuses anything bigger before it costs memory or CPU to decode.
+DEFAULT_MAX_COMMAND_BYTES = 4096
+
+# A command's numbers are epoch milliseconds and a schema version: a longer digit string is refused before
+# Python converts it (quadratic time; a ValueError over 4300 digits).
+_MAX_NUMBER_CHARS = 32
+# Containers are quoted one level deep and this many items wide; the value bound cuts the rest anyway.
+_ITEMS_SHOWN = COMMAND_ERROR_VALUE_MAX_CHARS // 3
+_CUT = "..."
+
+
 class CommandError(ValueError):
-    """A command payload the station rejects; `field` and `reason` go into the station's reply event."""
+    """A command payload the station rejects; `field` and `reason` go into the station's reply event.
+
+    `kind`, `field` and `reason` are made printable and cut to the COMMAND_ERROR_* bounds here, whoever raises
+    it, so a sender's field names and values cannot make the event, the log line or the results row grow.
+    """
 
     def __init__(self, kind: str, field: str, reason: str) -> None:
+        kind = _clip(kind, COMMAND_ERROR_FIELD_MAX_CHARS)
+        field = _clip(field, COMMAND_ERROR_FIELD_MAX_CHARS)
+        reason = _clip(reason, COMMAND_ERROR_REASON_MAX_CHARS)
         super().__init__(f"{kind}: {field}: {reason}")
         self.kind = kind
         self.field = field
         self.reason = reason
 
 
-def parse_command(kind: str, payload: bytes) -> TriggerCommand | ModeCommand | RebirthCommand:
-    """Validate a received command; CommandError (a ValueError) names the field and the reason."""
+class _Unreadable(ValueError):
+    """Raised from inside json.loads for JSON the station refuses to read; becomes a CommandError."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` printable and at most `limit` characters of ASCII JSON, ending in '...' where it was cut.
+
+    Control characters, lone surrogates and other unprintables become backslash escapes: the result is one
+    line that encodes to UTF-8 and JSON. Reads at most `limit` characters of `text`, however long it is.
+    """
+    kept: list[str] = []
+    width = 0
+    fits_with_cut = 0  # how many pieces fit with room left for the '...'
+    for char in text:
+        piece = char if char.isprintable() else ascii(char)[1:-1]
+        width += len(json.dumps(piece)) - 2
+        if width > limit:
+            return "".join(kept[:fits_with_cut]) + _CUT
+        kept.append(piece)
+        if width <= limit - len(_CUT):
+            fits_with_cut = len(kept)
+    return "".join(kept)
+
+
+def _shown(value: Any, nested: bool = False) -> str:
+    """A sender's value as a short repr: strings sliced before repr, containers one level deep and few items."""
+    if isinstance(value, dict):
+        if nested:
+            return "{...}"
+        items = [f"{_shown(k, True)}: {_shown(v, True)}" for k, v in list(value.items())[:_ITEMS_SHOWN]]
+        return "{" + ", ".join(items + [_CUT] * (len(value) > _ITEMS_SHOWN)) + "}"
+    if isinstance(value, list | tuple):
+        if nested:
+            return "[...]"
+        items = [_shown(v, True) for v in value[:_ITEMS_SHOWN]]
+        return "[" + ", ".join(items + [_CUT] * (len(value) > _ITEMS_SHOWN)) + "]"
+    if isinstance(value, str):
+        return repr(value[:COMMAND_ERROR_VALUE_MAX_CHARS + 1])
+    return repr(value)
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error (an ErrorDetails) as a reason, its input quoted within the value bound."""
+    if error["type"] == "extra_forbidden":
+        return "unknown field"
+    if error["type"] == "missing":
+        return "required field missing"
+    return f"{error['msg']} (got {_clip(_shown(error.get('input')), COMMAND_ERROR_VALUE_MAX_CHARS)})"
+
+
+def _location(error: Any) -> str:
+    return ".".join(str(p) for p in error["loc"]) or "(payload)"
+
+
+def _rejection(kind: str, exc: ValidationError) -> CommandError:
+    """All of a ValidationError in one bounded CommandError: the first problem, a few more, a count of the rest."""
+    errors = exc.errors(include_url=False)
+    total_tail = len(f" and {len(errors)} more problems")
+    reason = _clip(_problem(errors[0]), COMMAND_ERROR_REASON_MAX_CHARS - len("; also") - total_tail)
+    named = 0
+    for error in errors[1:1 + COMMAND_ERROR_OTHER_PROBLEMS_SHOWN]:
+        item = ("; also " if named == 0 else "; ") + (
+            f"{_clip(_location(error), COMMAND_ERROR_FIELD_MAX_CHARS)}: {_problem(error)}")
+        if len(json.dumps(reason + item)) - 2 + total_tail > COMMAND_ERROR_REASON_MAX_CHARS:
+            break
+        reason += item
+        named += 1
+    rest = len(errors) - 1 - named
+    if rest:
+        # One event per command: the other problems are at least counted rather than silently lost.
+        reason += (" and" if named else "; also") + f" {rest} more problem{'s' if rest > 1 else ''}"
+    return CommandError(kind, _location(errors[0]), reason)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Python keeps the last of duplicate keys, another parser the first: a command that means two things is refused.
+    data = dict(pairs)
+    for key in data:
+        if not key.isprintable():
+            # No command has such a field; refused here because pydantic cannot name a key with a lone surrogate.
+            raise _Unreadable(key, "unknown field (its name has unprintable characters)")
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Unreadable(key, "given more than once; name each field once")
+            seen.add(key)
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Unreadable("(payload)", f"not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    if len(text) > _MAX_NUMBER_CHARS:
+        raise _Unreadable("(payload)", f"a number of {len(text)} characters; commands carry none over "
+                                       f"{_MAX_NUMBER_CHARS}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Unreadable("(payload)", f"the number {text} is out of range")
+    return value
+
+
+def _short_int(text: str) -> int:
+    if len(text) > _MAX_NUMBER_CHARS:
+        raise _Unreadable("(payload)", f"a number of {len(text)} characters; commands carry none over "
+                                       f"{_MAX_NUMBER_CHARS}")
+    return int(text)
+
+
+def parse_command(kind: str, payload: bytes, *, max_bytes: int = DEFAULT_MAX_COMMAND_BYTES,
+                  ) -> TriggerCommand | ModeCommand | RebirthCommand:
+    """Validate a received command; CommandError (a ValueError) names the field and the reason.
+
+    Whatever the payload (too big, not UTF-8, not JSON, nested past the recursion limit, a field given twice,
+    NaN, wrong types), the only exception is one CommandError within the COMMAND_ERROR_* bounds. A payload over
+    `max_bytes` is refused before it is decoded.
+    """
     model = COMMAND_MODELS.get(kind)
     if model is None:
         raise CommandError(kind, "(topic)", f"not a command kind; expected one of {sorted(COMMAND_MODELS)}")
+    if len(payload) > max_bytes:
+        raise CommandError(kind, "(payload)", f"payload of {len(payload)} bytes is over the limit of {max_bytes} "
+                                              "bytes (mqtt.max_command_bytes)")
     # An empty payload (`mosquitto_pub -n`) is an empty object: enough for a rebirth.
     if not payload.strip():
         data: Any = {}
     else:
         try:
-            data = json.loads(payload.decode("utf-8"))
+            text = payload.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CommandError(kind, "(payload)", f"not UTF-8 text (byte {exc.start})") from exc
+        if text.startswith("\ufeff"):
+            raise CommandError(kind, "(payload)", "not valid JSON: starts with a byte order mark; send UTF-8 "
+                                                  "without one")
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant,
+                              parse_float=_finite_float, parse_int=_short_int)
+        except _Unreadable as exc:
+            raise CommandError(kind, exc.field, exc.reason) from exc
         except json.JSONDecodeError as exc:
-            raise CommandError(kind, "(payload)", f"not valid JSON: {exc.msg} at line {exc.lineno} "
-                                                  f"column {exc.colno}") from exc
+            # Some of json's messages end in " at" ("Invalid control character at"): the position follows.
+            raise CommandError(kind, "(payload)", f"not valid JSON: {exc.msg.removesuffix(' at')} at line "
+                                                  f"{exc.lineno} column {exc.colno}") from exc
+        except RecursionError as exc:
+            raise CommandError(kind, "(payload)", "nested too deeply to read; a command is one flat JSON "
+                                                  "object") from exc
     if not isinstance(data, dict):
         raise CommandError(kind, "(payload)", f"must be a JSON object, got {type(data).__name__}")
     try:
-        return model.model_validate(data)  # type: ignore[return-value]
+        command = model.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "(payload)"
-            if err["type"] == "extra_forbidden":
-                reason = "unknown field"
-            elif err["type"] == "missing":
-                reason = "required field missing"
-            else:
-                shown = repr(err.get("input"))
-                reason = f"{err['msg']} (got {shown[:77] + '...' if len(shown) > 80 else shown})"
-            problems.append((field, reason))
-        field, reason = problems[0]
-        if len(problems) > 1:
-            # One event per command: the other problems ride along in the reason rather than being lost.
-            reason += "; also " + "; ".join(f"{f}: {r}" for f, r in problems[1:])
-        raise CommandError(kind, field, reason) from exc
+        raise _rejection(kind, exc) from exc
+    # A message id is echoed in log lines and events: a newline or control character in it could forge either.
+    for name, value in command:
+        if isinstance(value, str) and not value.isprintable():
+            shown = _clip(_shown(value), COMMAND_ERROR_VALUE_MAX_CHARS)
+            raise CommandError(kind, name, f"must be printable text (got {shown})")
+    return command  # type: ignore[return-value]
 
 
 def restamp(payload_json: str, seq: int, replayed: bool) -> str:

@@ -34,6 +34,7 @@ from appliance.preprocess import PreprocessSpec, preprocess
 from appliance.results_log import InspectionRecord
 from appliance.stats import RollingStats
 from appliance.supervisor import BackendSupervisor
+from appliance.threads import ThreadFailure
 
 log = logging.getLogger("appliance.pipeline")
 
@@ -50,11 +51,14 @@ class FrameReader(Protocol):
 
 
 class Reporter(Protocol):
-    """Where finished inspections and events go (results log, MQTT, console)."""
+    """Where finished inspections and events go (results log, MQTT, console). Neither call may block on
+    storage or network: they queue (see recorder.py). `flush` waits until what was handed over is written."""
 
     def inspection(self, record: InspectionRecord) -> None: ...
 
     def event(self, kind: str, detail: dict[str, Any]) -> None: ...
+
+    def flush(self, timeout: float) -> bool: ...
 
 
 @dataclass
@@ -133,6 +137,11 @@ class PipelineConfig:
     defect_index: int = 1
     # Small queues: a folder source runs flat out, and parts waiting in queues only add latency.
     queue_size: int = 2
+    # Names this start of the station in continuous part ids (`<station>-<run_id>-<seq>`), so part ids stay
+    # unique across restarts; the runtime sets it from a counter persisted in the results log.
+    run_id: str = ""
+    # At the end of the stream the decide thread waits this long for the reporter to write what it holds.
+    flush_timeout_s: float = 30.0
 
 
 class Pipeline:
@@ -147,8 +156,9 @@ class Pipeline:
         self.source = source
         self.reporter = reporter
         self._supervisor_factory = supervisor_factory
-        self._mode = config.mode
-        self._mode_before_fallback: Mode | None = None  # the mode to return to when a backend is back
+        self._mode = config.mode  # the configured mode: what the station returns to after a fallback
+        # Why the station is in manual_fallback by itself, by cause ("backend", "storage"); empty: it is not.
+        self._fallbacks: dict[str, str] = {}
         self._q_pre: queue.Queue[Any] = queue.Queue(config.queue_size)
         self._q_infer: queue.Queue[Any] = queue.Queue(config.queue_size)
         self._q_decide: queue.Queue[Any] = queue.Queue(config.queue_size)
@@ -165,6 +175,7 @@ class Pipeline:
         self.model_id = ""
         self.last_error = ""
         self.crashed = False
+        self.failure: ThreadFailure | None = None  # the stage that died, if one did
         self._busy_since: float | None = None  # monotonic start of the inference in progress, for stall_reason
 
     # --- control -----------------------------------------------------------------------------------
@@ -196,18 +207,42 @@ class Pipeline:
 
     @property
     def mode(self) -> Mode:
-        return self._mode
+        """The mode parts are decided in now: manual_fallback while any fallback cause holds, else the configured."""
+        with self._lock:
+            return Mode.MANUAL_FALLBACK if self._fallbacks else self._mode
 
     def set_mode(self, mode: Mode) -> None:
         """Switch the configured mode (a command from the control room). During a manual fallback the new
-        mode is the one the station returns to once a backend is back, not an override of the fallback."""
+        mode is the one the station returns to once every cause is gone, not an override of the fallback."""
         with self._lock:
-            if self._mode_before_fallback is not None:
-                old, self._mode_before_fallback = self._mode_before_fallback, mode
-            else:
-                old, self._mode = self._mode, mode
+            old, self._mode = self._mode, mode
         if old is not mode:
             self._event("mode_changed", {"from": old.value, "to": mode.value})
+
+    def set_fallback(self, cause: str, reason: str | None) -> None:
+        """Hold manual_fallback for `cause` with `reason` (shown on every part), or release it (None).
+
+        The station returns to its configured mode when no cause is left. Entering and leaving for a cause
+        other than "backend" (whose supervisor reports itself) are events.
+        """
+        with self._lock:
+            had = cause in self._fallbacks
+            if reason is None:
+                self._fallbacks.pop(cause, None)
+            else:
+                self._fallbacks[cause] = reason
+            mode = Mode.MANUAL_FALLBACK if self._fallbacks else self._mode
+        if cause == "backend" or had == (reason is not None):
+            return
+        if reason is not None:
+            self._event("manual_fallback", {"cause": cause, "reason": reason})
+        else:
+            self._event("fallback_ended", {"cause": cause, "mode": mode.value})
+
+    def fallback_reason(self) -> str:
+        """Why the station is in manual_fallback by itself ("" when it is not)."""
+        with self._lock:
+            return "; ".join(self._fallbacks.values())
 
     def stall_reason(self, stall_s: float) -> str | None:
         """Why the station is stuck, or None: an inference running longer than `stall_s`, or a connected live
@@ -246,7 +281,7 @@ class Pipeline:
                     self._triggers.put(part_id)
                 continue
             seq += 1
-            insp = Inspection(inspection_id=uuid.uuid4().hex, part_id=part_id or f"{self.config.station_id}-{seq:08d}",
+            insp = Inspection(inspection_id=uuid.uuid4().hex, part_id=part_id or self._part_id(seq),
                               frame=frame, t={"captured": frame.monotonic, "queued": time.monotonic()})
             if self.source.live:
                 try:
@@ -256,6 +291,10 @@ class Pipeline:
             else:
                 self._q_pre.put(insp)
         self._q_pre.put(_STOP)
+
+    def _part_id(self, seq: int) -> str:
+        run = f"-{self.config.run_id}" if self.config.run_id else ""
+        return f"{self.config.station_id}{run}-{seq:08d}"
 
     def _preprocess_loop(self) -> None:
         while (insp := self._q_pre.get()) is not _STOP:
@@ -362,45 +401,48 @@ class Pipeline:
             # The last slot stays with the inference thread (re-preprocessing after a backend change).
             self._slots.reset(sup.generation, [backend.input_buffer(i) for i in range(backend.slots - 1)])
             self.backend_name, self.model_id = backend.name, backend.model_id
-        with self._lock:
-            if backend is None and self._mode is not Mode.MANUAL_FALLBACK:
-                self._mode_before_fallback, self._mode = self._mode, Mode.MANUAL_FALLBACK
-            elif backend is not None and self._mode_before_fallback is not None:
-                self._mode, self._mode_before_fallback = self._mode_before_fallback, None
+        self.set_fallback("backend", (sup.why_no_model or "no model can run") if backend is None else None)
 
     def _decide_loop(self) -> None:
         while (insp := self._q_decide.get()) is not _STOP:
-            now = time.monotonic()
-            mode = self._mode
-            if insp.error is not None:
-                verdict, ai_verdict, reason = "error", None, f"frame error: {insp.error}"
-            else:
-                op = self.config.operating_point_by_backend.get(insp.backend, self.config.operating_point)
-                d = decide_part(insp.score, op, mode, insp.why_no_model)
-                verdict, ai_verdict, reason = d.verdict.value, d.ai_verdict.value if d.ai_verdict else None, d.reason
-            t = insp.t
-            latency = {
-                "queue_ms": (t.get("pre_start", now) - t["queued"]) * 1000,
-                # waiting for a free input slot (the backend is busy with earlier parts), then the work itself
-                "slot_wait_ms": (t.get("slot", t.get("pre_start", now)) - t.get("pre_start", now)) * 1000,
-                "preprocess_ms": (t.get("pre_end", now) - t.get("slot", t.get("pre_start", now))) * 1000,
-                "infer_wait_ms": (t.get("infer_start", now) - t.get("pre_end", now)) * 1000,
-                "infer_ms": (t.get("infer_end", now) - t.get("infer_start", now)) * 1000,
-                "decide_wait_ms": (now - t.get("infer_end", now)) * 1000,
-                "end_to_end_ms": (now - t["captured"]) * 1000,
-            }
-            record = InspectionRecord(
-                inspection_id=insp.inspection_id, part_id=insp.part_id, station_id=self.config.station_id,
-                source_name=insp.frame.source_name, frame_index=insp.frame.index, captured_at=insp.frame.captured_at,
-                decided_at=time.time(), verdict=verdict, ai_verdict=ai_verdict, score=insp.score,
-                mode=mode.value, backend=insp.backend, model_id=insp.model_id, reason=reason,
-                latency_ms={k: round(v, 3) for k, v in latency.items()},
-            )
-            self.stats.add(record)
-            try:
-                self.reporter.inspection(record)
-            except Exception:  # the reporter must never stop inspection; it logs its own failures
-                log.exception("reporter failed for part %s", insp.part_id)
+            self._decide_one(insp)
+        # Everything decided is handed over; wait (bounded) until it is written, so join() means recorded.
+        if not self.reporter.flush(self.config.flush_timeout_s):
+            log.error("not every decided part could be written within %.0f s (storage fault); see the log",
+                      self.config.flush_timeout_s)
+
+    def _decide_one(self, insp: Inspection) -> None:
+        now = time.monotonic()
+        mode = self.mode
+        if insp.error is not None:
+            verdict, ai_verdict, reason = "error", None, f"frame error: {insp.error}"
+        else:
+            op = self.config.operating_point_by_backend.get(insp.backend, self.config.operating_point)
+            d = decide_part(insp.score, op, mode, insp.why_no_model or self.fallback_reason())
+            verdict, ai_verdict, reason = d.verdict.value, d.ai_verdict.value if d.ai_verdict else None, d.reason
+        t = insp.t
+        latency = {
+            "queue_ms": (t.get("pre_start", now) - t["queued"]) * 1000,
+            # waiting for a free input slot (the backend is busy with earlier parts), then the work itself
+            "slot_wait_ms": (t.get("slot", t.get("pre_start", now)) - t.get("pre_start", now)) * 1000,
+            "preprocess_ms": (t.get("pre_end", now) - t.get("slot", t.get("pre_start", now))) * 1000,
+            "infer_wait_ms": (t.get("infer_start", now) - t.get("pre_end", now)) * 1000,
+            "infer_ms": (t.get("infer_end", now) - t.get("infer_start", now)) * 1000,
+            "decide_wait_ms": (now - t.get("infer_end", now)) * 1000,
+            "end_to_end_ms": (now - t["captured"]) * 1000,
+        }
+        record = InspectionRecord(
+            inspection_id=insp.inspection_id, part_id=insp.part_id, station_id=self.config.station_id,
+            source_name=insp.frame.source_name, frame_index=insp.frame.index, captured_at=insp.frame.captured_at,
+            decided_at=time.time(), verdict=verdict, ai_verdict=ai_verdict, score=insp.score,
+            mode=mode.value, backend=insp.backend, model_id=insp.model_id, reason=reason,
+            latency_ms={k: round(v, 3) for k, v in latency.items()},
+        )
+        self.stats.add(record)
+        try:
+            self.reporter.inspection(record)
+        except Exception:  # the reporter must never stop inspection; it logs its own failures
+            log.exception("reporter failed for part %s", insp.part_id)
 
     # --- helpers ---------------------------------------------------------------------------------------
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
@@ -414,11 +456,13 @@ class Pipeline:
         def run() -> None:
             try:
                 target()
-            except Exception:
+            except Exception as exc:
                 # A stage that dies would silently stall the line: log loudly, stop capturing, and let the
-                # stages after it finish what they hold so it is still recorded.
+                # stages after it finish what they hold so it is still recorded; the runtime then exits
+                # with EXIT_THREAD_FAILED so systemd restarts a whole station.
                 log.exception("stage %s crashed; stopping the pipeline", name)
-                self.last_error = f"stage {name} crashed"
+                self.failure = ThreadFailure(f"stage-{name}", f"{type(exc).__name__}: {exc}", time.time())
+                self.last_error = self.failure.describe()
                 self.crashed = True
                 self._stop.set()
                 self._backend_ready.set()

@@ -1,9 +1,13 @@
 """What the station tells the control room, and the commands it takes from it.
 
-`MqttReporter` is the pipeline's reporter when MQTT is on. For every part it first writes the local
-results log (the station's own record, independent of any network), then puts the `result` (and an
-`alert` for a defect) into the outbox, from which the MQTT link publishes. Nothing here waits on the
-network: a put is one local SQLite transaction, so inspection never blocks on a broker.
+`MqttReporter` is the pipeline's reporter when MQTT is on. For every part it hands the record to the
+local results log's writer (the station's own record, independent of any network) and the `result` (and
+an `alert` for a defect) to the outbox's writer, from which the MQTT link publishes. Nothing here waits on
+the network or the disk: each writer (recorder.StoreWriter) has its own thread and an ordered, bounded
+memory backlog, so a locked, full or broken store neither stalls inspection nor loses a decided part.
+When a writer's backlog is full, the station turns fail-safe (manual_fallback with the reason) until the
+store takes writes again. Storage faults are events and part of every heartbeat; while the outbox
+cannot be written, heartbeats and events go straight to the link (`MqttLink.publish_direct`).
 
 A monitor thread puts a `health` heartbeat into the outbox every `mqtt.heartbeat_s`, and turns what it
 observes into events: a live camera lost or back, the outbox shedding messages (overflow). Commands
@@ -15,6 +19,7 @@ command changes nothing and is answered with a `command_rejected` event naming t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import threading
@@ -29,8 +34,9 @@ from appliance import __version__
 from appliance.decision import Mode
 from appliance.device_health import gpu_health
 from appliance.mqtt_link import LinkConfig, MqttLink
-from appliance.outbox import Outbox
+from appliance.outbox import NewMessage, Outbox
 from appliance.payloads import (
+    DEFAULT_MAX_COMMAND_BYTES,
     AlertPayload,
     BirthPayload,
     CommandError,
@@ -43,7 +49,9 @@ from appliance.payloads import (
     parse_command,
 )
 from appliance.pipeline import Pipeline
-from appliance.results_log import InspectionRecord, ResultsLog
+from appliance.recorder import StoreWriter
+from appliance.results_log import InspectionRecord, LoggedEvent, ResultsLog
+from appliance.threads import FailureLatch, ThreadFailure, start_guarded
 
 log = logging.getLogger("appliance.reporting")
 
@@ -53,14 +61,34 @@ _BACKEND_EVENTS = frozenset({"gpu_lost", "gpu_back", "cpu_fallback", "backend_fa
 
 
 class LogReporter:
-    """Results log on disk plus one log line per part: the reporter that works without any network."""
+    """Results log on disk (through its writer) plus one log line per part: works without any network.
 
-    def __init__(self, results: ResultsLog, echo: bool = True) -> None:
+    Also the station's storage watch: it holds every store writer (the MQTT reporter adds the outbox's),
+    reports their faults as events through `event_sink`, and holds the pipeline in manual_fallback while a
+    writer's backlog is full (`attach` the pipeline for that).
+    """
+
+    def __init__(self, results: ResultsLog, echo: bool = True, max_pending: int = 10_000) -> None:
         self.results = results
         self.echo = echo
+        self.failures = FailureLatch()
+        self.writer: StoreWriter[InspectionRecord | LoggedEvent] = StoreWriter(
+            "results_log", results.path, results.write_many, max_pending=max_pending,
+            on_event=self.storage_event, notes=results.take_notes, on_failure=self.failures)
+        self.writers: list[StoreWriter[Any]] = [self.writer]
+        # Where storage events go: this reporter's event(), or the MQTT reporter's that wraps it.
+        self.event_sink = self.event
+        self.unrecorded = 0  # parts and events no store could take (backlog full): in the process log only
+        self._pipeline: Pipeline | None = None
+
+    def attach(self, pipeline: Pipeline) -> None:
+        """The pipeline to hold in manual_fallback while storage cannot keep up."""
+        self._pipeline = pipeline
 
     def inspection(self, record: InspectionRecord) -> None:
-        self.results.add(record)
+        if not self.writer.submit(record):
+            self.refused("results log", "inspection", record.to_dict())
+        self.update_failsafe()
         if self.echo:
             score = "-" if record.score is None else f"{record.score:.4f}"
             name = f" {record.source_name}" if record.source_name else ""
@@ -69,7 +97,58 @@ class LogReporter:
                      record.latency_ms.get("end_to_end_ms", float("nan")), record.reason)
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:
-        self.results.event(kind, detail)
+        if not self.writer.submit(LoggedEvent(time.time(), kind, detail)):
+            self.refused("results log", "event", {"kind": kind, "detail": detail})
+        self.update_failsafe()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every writer wrote what it holds (True) or `timeout` s passed (False)."""
+        deadline = time.monotonic() + timeout
+        return all([w.flush(max(0.0, deadline - time.monotonic())) for w in self.writers])
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Flush (bounded) and stop the writers; True when nothing was left unwritten."""
+        deadline = time.monotonic() + timeout
+        return all([w.close(max(0.0, deadline - time.monotonic())) for w in self.writers])
+
+    def storage_status(self) -> dict[str, Any]:
+        """For heartbeats: `ok`, backlog per store, the faults (store, path, error, since_ms, pending),
+        `failsafe` (a backlog full: manual_fallback), `unrecorded` (taken by no store: process log only)."""
+        faults = [f.as_dict() for w in self.writers if (f := w.fault()) is not None]
+        return {"ok": not faults, "pending": {w.store: w.pending for w in self.writers}, "faults": faults,
+                "failsafe": any(w.saturated for w in self.writers), "unrecorded": self.unrecorded}
+
+    def storage_error(self) -> str | None:
+        """The first storage fault in words, for `last_error`."""
+        for w in self.writers:
+            f = w.fault()
+            if f is not None:
+                return f"{f.store} {f.path} cannot be written: {f.error} ({f.pending} waiting in memory)"
+        return None
+
+    def refused(self, store: str, what: str, data: dict[str, Any]) -> None:
+        """A full backlog refused an item: the process log (journald) is its last record."""
+        self.unrecorded += 1
+        log.error("UNRECORDED %s (the %s backlog is full, storage.pending_max): %s", what, store,
+                  json.dumps(data, default=str))
+
+    def storage_event(self, kind: str, detail: dict[str, Any]) -> None:
+        self.event_sink(kind, detail)
+        self.update_failsafe()
+
+    def update_failsafe(self) -> None:
+        pipeline = self._pipeline
+        if pipeline is None:
+            return
+        reason = None
+        for w in self.writers:
+            if w.saturated:
+                fault = w.fault()
+                reason = (f"storage: {w.store} {w.path} cannot be written"
+                          f"{f' ({fault.error})' if fault else ''} and {w.max_pending} records wait in memory, "
+                          "the limit (storage.pending_max)")
+                break
+        pipeline.set_fallback("storage", reason)
 
 
 def config_hash(settings_json: str) -> str:
@@ -93,15 +172,24 @@ class MqttReporter:
         heartbeat_s: float = 10.0,
         data_dir: Path = Path("."),
         sysfs: Path = Path("/sys"),
+        max_pending: int = 10_000,
+        max_command_bytes: int = DEFAULT_MAX_COMMAND_BYTES,
     ) -> None:
         self.topics = link_config.topics
         self.station = link_config.client_id
         self.outbox = outbox
         self.local = local
-        self.link = MqttLink(link_config, outbox, self._birth, self.on_command)
+        self.failures = local.failures  # one latch for every thread of the reporting side
+        self.link = MqttLink(link_config, outbox, self._birth, self.on_command, on_failure=self.failures)
+        self.spool: StoreWriter[tuple[NewMessage, ...]] = StoreWriter(
+            "outbox", outbox.path, self._write_outbox, max_pending=max_pending, on_event=local.storage_event,
+            notes=outbox.take_notes, on_failure=self.failures)
+        local.writers.append(self.spool)
+        local.event_sink = self.event
         self._config_fingerprint = config_fingerprint
         self._configured_backend = configured_backend
         self._model_id = model_id
+        self._max_command_bytes = max_command_bytes
         self._pipeline_started = False
         self._birth_lock = threading.Lock()
         self._triggered = triggered
@@ -121,11 +209,11 @@ class MqttReporter:
     def attach(self, pipeline: Pipeline) -> None:
         """The pipeline this reporter serves (it is built with the reporter, so it comes second)."""
         self._pipeline = pipeline
+        self.local.attach(pipeline)
 
     def start(self) -> None:
         self.link.start()
-        self._monitor = threading.Thread(target=self._monitor_loop, name="mqtt-monitor", daemon=True)
-        self._monitor.start()
+        self._monitor = start_guarded("mqtt-monitor", self._monitor_loop, self.failures)
 
     def pipeline_started(self) -> None:
         """The backend is up: if a birth already went out saying `starting`, send it again naming the backend."""
@@ -135,31 +223,46 @@ class MqttReporter:
         if rebirth:
             self.link.request_rebirth()
 
+    @property
+    def failure(self) -> ThreadFailure | None:
+        """The first thread of the reporting side (link, monitor, store writers) that died, if any."""
+        return self.failures.failure
+
     def stop(self, drain_timeout_s: float = 10.0) -> bool:
         """A last heartbeat, then drain the outbox to the broker (bounded). True when nothing is left behind."""
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join(5)
         self._put_health()
-        return self.link.stop(drain_timeout_s)
+        deadline = time.monotonic() + drain_timeout_s
+        self.local.flush(drain_timeout_s)  # into the outbox first, then to the broker
+        return self.link.stop(max(0.0, deadline - time.monotonic())) and self.spool.pending == 0
 
     # --- the pipeline's Reporter interface (decide thread, inference thread) ------------------------------
     def inspection(self, record: InspectionRecord) -> None:
         self.local.inspection(record)  # the local record first: it needs no network and no outbox
         result = ResultPayload.from_record(record, self.station)
-        messages = [("result", result.model_dump_json())]
+        messages = [NewMessage(self.topics.of("result"), result.model_dump_json(), 1, "result")]
         if record.verdict == "fail":
             alert = AlertPayload(station=self.station, ts_ms=result.ts_ms, part_id=record.part_id,
                                  inspection_id=record.inspection_id, score=record.score, verdict="fail")
-            messages.append(("alert", alert.model_dump_json()))
-        for kind, payload in messages:
-            self._put(kind, payload)
+            messages.append(NewMessage(self.topics.of("alert"), alert.model_dump_json(), 1, "alert"))
+        self._spool(tuple(messages), "inspection")
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:
         self.local.event(kind, detail)
-        self._put("event", EventPayload(station=self.station, kind=kind, detail=detail).model_dump_json())
+        message = NewMessage(self.topics.of("event"),
+                             EventPayload(station=self.station, kind=kind, detail=detail).model_dump_json(), 1, "event")
+        if self.spool.faulted:
+            # The outbox cannot take it now: the control room hears it at once (and once more, the same
+            # message_id, when the outbox has it written).
+            self.link.publish_direct(message.topic, message.payload)
+        self._spool((message,), "event")
         if kind in _BACKEND_EVENTS:
             self.link.request_rebirth()  # the birth names the backend: keep it true
+
+    def flush(self, timeout: float) -> bool:
+        return self.local.flush(timeout)
 
     # --- commands (link thread) ------------------------------------------------------------------------------
     def on_command(self, kind: str, payload: bytes, retained: bool) -> None:
@@ -173,7 +276,7 @@ class MqttReporter:
                 # A retained command would be re-applied on every reconnect: refuse it outright.
                 raise CommandError(kind, "(message)", "retained commands are refused; publish without the "
                                    "retain flag (and clear it: mosquitto_pub -r -n -t <topic>)")
-            command = parse_command(kind, payload)
+            command = parse_command(kind, payload, max_bytes=self._max_command_bytes)
             message_id = command.message_id
             if message_id is not None and self._already_seen(message_id):
                 log.info("command %s %s already applied; duplicate ignored", kind, message_id)
@@ -232,7 +335,12 @@ class MqttReporter:
         except OSError:
             disk_free_mb = None
         link = self.link.state()
-        errors = [e for e in (p.last_error if p else None, self.last_error, link.last_error) if e]
+        storage = self.local.storage_status()
+        storage["dead_letters"] = self.outbox.dead_letter_count()
+        failure = self.failure or (p.failure if p is not None else None)
+        # The storage fault first: it is the one that can lose parts, and its own error text, not a later one.
+        errors = [e for e in (self.local.storage_error(), failure.describe() if failure else None,
+                              p.last_error if p else None, self.last_error, link.last_error) if e]
         return HealthPayload(
             station=self.station,
             mode=(p.mode.value if p else "production"),  # type: ignore[arg-type]
@@ -251,6 +359,7 @@ class MqttReporter:
             spool_oldest_age_s=self.outbox.oldest_age_s(),
             disk_free_mb=None if disk_free_mb is None else round(disk_free_mb, 1),
             mqtt=link.as_dict(),
+            storage=storage,
             last_error=errors[0] if errors else None,
         )
 
@@ -267,7 +376,12 @@ class MqttReporter:
                 log.exception("station monitor failed; continuing")
 
     def _put_health(self) -> None:
-        self._put("health", self.health().model_dump_json())
+        payload = self.health().model_dump_json()
+        if self.spool.faulted or self.spool.pending:
+            # Behind a backlog (or into a broken outbox) a heartbeat would say nothing while it matters most.
+            self.link.publish_direct(self.topics.of("health"), payload)
+        else:
+            self._spool((NewMessage(self.topics.of("health"), payload, 1, "health"),), "heartbeat")
 
     def _watch_camera(self) -> None:
         p = self._pipeline
@@ -297,12 +411,12 @@ class MqttReporter:
                                           "max_messages": self.outbox.max_messages,
                                           "max_age_s": self.outbox.max_age_s})
 
-    def _put(self, kind: str, payload: str) -> None:
-        try:
-            self.outbox.put(self.topics.of(kind), payload, 1, kind)
-        except Exception as exc:  # e.g. disk full: keep inspecting, say why reports are missing
-            self.last_error = f"outbox write failed: {exc}"
-            log.error("could not store a %s message in the outbox %s: %s", kind, self.outbox.path, exc)
-            return
-        self.link.notify()
+    def _spool(self, messages: tuple[NewMessage, ...], what: str) -> None:
+        if not self.spool.submit(messages):
+            self.local.refused("outbox", what, {"messages": [m.payload for m in messages]})
+        self.local.update_failsafe()
 
+    def _write_outbox(self, batch: list[tuple[NewMessage, ...]]) -> None:
+        """The outbox writer's write: one transaction for the batch, then wake the link to publish it."""
+        self.outbox.put_many([m for messages in batch for m in messages])
+        self.link.notify()

@@ -2,20 +2,20 @@
 
 Written whatever happens to the network: it is the station's own record (and what an auditor reads
 after an incident). WAL mode lets a reader (an inspector's tool, `sqlite3`) look while the station
-writes; `synchronous=FULL` by default so a power cut cannot lose a committed result.
+writes; `synchronous=FULL` by default so a power cut cannot lose a committed result. The station writes
+it through a `recorder.StoreWriter`, which keeps parts in memory while the file cannot be written.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.sqlite_store import open_store
+from appliance.sqlite_store import SqliteStore
 
 SCHEMA_VERSION = 1
 
@@ -73,33 +73,49 @@ class InspectionRecord:
         return asdict(self)
 
 
-class ResultsLog:
-    """Append-only SQLite log. One connection, guarded by a lock: any thread may write."""
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One station event, as logged: epoch seconds, kind, JSON-ready detail."""
 
-    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
-        self._db = open_store(path, _SCHEMA, SCHEMA_VERSION, "results log", synchronous)
-        self.path = path
-        self._lock = threading.Lock()
+    at: float
+    kind: str
+    detail: dict[str, Any]
+
+
+class ResultsLog(SqliteStore):
+    """Append-only SQLite log; any thread may write (see SqliteStore for the fault handling)."""
+
+    def __init__(self, path: Path, synchronous: str = "FULL", open_now: bool = True) -> None:
+        super().__init__(path, _SCHEMA, SCHEMA_VERSION, "results log", synchronous, open_now=open_now)
+
+    def write_many(self, items: list[InspectionRecord | LoggedEvent]) -> None:
+        """Inspections and events in one transaction, in the given order; raises the storage error."""
+        with self.transaction() as db:
+            for item in items:
+                if isinstance(item, InspectionRecord):
+                    # OR IGNORE: a batch retried after a commit that failed to report success must not fail
+                    # on the unique inspection id forever.
+                    db.execute(
+                        "INSERT OR IGNORE INTO inspections (inspection_id, part_id, station_id, source_name,"
+                        " frame_index, captured_at, decided_at, verdict, ai_verdict, score, mode, backend, model_id,"
+                        " reason, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (item.inspection_id, item.part_id, item.station_id, item.source_name, item.frame_index,
+                         item.captured_at, item.decided_at, item.verdict, item.ai_verdict, item.score, item.mode,
+                         item.backend, item.model_id, item.reason, json.dumps(item.latency_ms)),
+                    )
+                else:
+                    db.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)",
+                               (item.at, item.kind, json.dumps(item.detail, default=str)))
 
     def add(self, r: InspectionRecord) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO inspections (inspection_id, part_id, station_id, source_name, frame_index, captured_at,"
-                " decided_at, verdict, ai_verdict, score, mode, backend, model_id, reason, latency_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (r.inspection_id, r.part_id, r.station_id, r.source_name, r.frame_index, r.captured_at, r.decided_at,
-                 r.verdict, r.ai_verdict, r.score, r.mode, r.backend, r.model_id, r.reason,
-                 json.dumps(r.latency_ms)),
-            )
+        self.write_many([r])
 
     def event(self, kind: str, detail: dict[str, Any], at: float | None = None) -> None:
-        with self._lock:
-            self._db.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)",
-                             (at if at is not None else time.time(), kind, json.dumps(detail, default=str)))
+        self.write_many([LoggedEvent(at if at is not None else time.time(), kind, detail)])
 
     def inspections(self) -> Iterator[InspectionRecord]:
-        with self._lock:
-            rows = self._db.execute(
+        with self.reading() as db:
+            rows = db.execute(
                 "SELECT inspection_id, part_id, station_id, source_name, frame_index, captured_at, decided_at,"
                 " verdict, ai_verdict, score, mode, backend, model_id, reason, latency_ms FROM inspections ORDER BY seq"
             ).fetchall()
@@ -107,15 +123,11 @@ class ResultsLog:
             yield InspectionRecord(*row[:-1], latency_ms=json.loads(row[-1]))
 
     def events(self) -> list[tuple[float, str, dict[str, Any]]]:
-        with self._lock:
-            rows = self._db.execute("SELECT at, kind, detail FROM events ORDER BY seq").fetchall()
+        with self.reading() as db:
+            rows = db.execute("SELECT at, kind, detail FROM events ORDER BY seq").fetchall()
         return [(at, kind, json.loads(detail)) for at, kind, detail in rows]
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT verdict, COUNT(*) FROM inspections GROUP BY verdict").fetchall()
+        with self.reading() as db:
+            rows = db.execute("SELECT verdict, COUNT(*) FROM inspections GROUP BY verdict").fetchall()
         return dict(rows)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()

@@ -20,12 +20,13 @@ from appliance.errors import ConfigError, GpuUnavailableError
 from appliance.mqtt_link import LinkConfig
 from appliance.ort_backend import OnnxRuntimeBackend
 from appliance.outbox import Outbox
-from appliance.payloads import Topics
+from appliance.payloads import EventPayload, Topics
 from appliance.pipeline import Pipeline, PipelineConfig
 from appliance.reporting import LogReporter, MqttReporter, config_hash
 from appliance.results_log import ResultsLog
 from appliance.settings import StationSettings, mqtt_password
 from appliance.supervisor import BackendSupervisor, EventSink
+from appliance.threads import EXIT_THREAD_FAILED, ThreadFailure
 from appliance.watchdog import Watchdog, notify, watchdog_interval_s
 from engines.manifest import DeviceInfo
 
@@ -118,11 +119,22 @@ class Station:
     results: ResultsLog
     mqtt: MqttReporter | None = None
     outbox: Outbox | None = None
+    local: LogReporter | None = None  # the results log's writer and the storage watch
 
-    def close(self) -> None:
+    def failure(self) -> ThreadFailure | None:
+        """The first station thread that died (pipeline stage, MQTT link or monitor, store writer), if any."""
+        for failure in (self.pipeline.failure, self.local.failures.failure if self.local else None):
+            if failure is not None:
+                return failure
+        return None
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Write what the writers still hold (bounded), then close the files. True when nothing was left."""
+        written = self.local.close(timeout) if self.local is not None else True
         if self.outbox is not None:
             self.outbox.close()
         self.results.close()
+        return written
 
 
 def mqtt_link_config(settings: StationSettings) -> LinkConfig:
@@ -154,16 +166,22 @@ def build_station(settings: StationSettings, reporter=None, source=None, mqtt: b
     ops = operating_points(settings, bundle)
     link_config = mqtt_link_config(settings) if (settings.mqtt.enabled if mqtt is None else mqtt) else None
     data = settings.storage.data_dir
-    results = ResultsLog(data / "results.sqlite3")
-    mqtt_reporter = outbox = None
-    if link_config is not None and reporter is None:
+    pending_max = settings.storage.pending_max
+    # Not open_now: a store that cannot be opened (read-only or full disk) is a storage fault the writers
+    # ride out with the parts in memory, not a reason to refuse to start.
+    results = ResultsLog(data / "results.sqlite3", open_now=False)
+    mqtt_reporter = outbox = local = None
+    if reporter is None:
+        reporter = local = LogReporter(results, max_pending=pending_max)
+    if link_config is not None and local is not None:
         m = settings.mqtt
-        outbox = Outbox(data / "outbox.sqlite3", max_messages=m.outbox_max_messages, max_age_s=m.outbox_max_age_s)
+        outbox = Outbox(data / "outbox.sqlite3", max_messages=m.outbox_max_messages, max_age_s=m.outbox_max_age_s,
+                        open_now=False)
         reporter = mqtt_reporter = MqttReporter(
-            link_config, outbox, LogReporter(results),
+            link_config, outbox, local,
             config_fingerprint=config_hash(settings.model_dump_json()), configured_backend=settings.inference.backend,
             triggered=settings.trigger.mode == "triggered", model_id=bundle.model_id, heartbeat_s=m.heartbeat_s,
-            data_dir=data,
+            data_dir=data, max_pending=pending_max, max_command_bytes=m.max_command_bytes,
         )
     config = PipelineConfig(
         station_id=settings.station.id, spec=bundle.metadata.preprocess,
@@ -171,12 +189,15 @@ def build_station(settings: StationSettings, reporter=None, source=None, mqtt: b
         operating_point_by_backend=ops,
         mode=Mode(settings.decision.mode), triggered=settings.trigger.mode == "triggered",
         defect_index=bundle.metadata.defect_index,
+        # Continuous part ids carry this start's number: unique across restarts (README, "Part ids").
+        run_id=f"r{results.next_counter('run')}",
     )
-    pipeline = Pipeline(config, source or open_source(settings.camera), supervisor_factory(settings, bundle),
-                        reporter or LogReporter(results))
+    pipeline = Pipeline(config, source or open_source(settings.camera), supervisor_factory(settings, bundle), reporter)
     if mqtt_reporter is not None:
         mqtt_reporter.attach(pipeline)
-    return Station(pipeline, results, mqtt_reporter, outbox)
+    elif local is not None:
+        local.attach(pipeline)
+    return Station(pipeline, results, mqtt_reporter, outbox, local)
 
 
 def build_pipeline(settings: StationSettings, reporter=None, source=None) -> tuple[Pipeline, ResultsLog]:
@@ -188,7 +209,7 @@ def build_pipeline(settings: StationSettings, reporter=None, source=None) -> tup
 def run(settings: StationSettings, max_seconds: float | None = None, trigger_stdin: bool = False) -> int:
     """Run until the source ends, SIGTERM/SIGINT, or `max_seconds`; drain, record, exit 0."""
     station = build_station(settings)
-    pipeline, results = station.pipeline, station.results
+    pipeline = station.pipeline
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: stopping capture, finishing the parts in flight", signal.Signals(signum).name)
@@ -211,7 +232,14 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
         # Pings at half systemd's interval, so one late ping is not yet a restart.
         watchdog = Watchdog(lambda: pipeline.stall_reason(settings.watchdog.stall_s), interval / 2).start()
     started = last_status = time.monotonic()
+    failure = None
     while pipeline.alive:
+        failure = station.failure()
+        if failure is not None:
+            # Half a station (inspecting without recording or reporting) is worse than a restart.
+            _report_failure(station, failure)
+            pipeline.stop()
+            break
         now = time.monotonic()
         if max_seconds is not None and now - started > max_seconds:
             pipeline.stop()
@@ -220,21 +248,40 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
             snap = pipeline.stats.snapshot()
             notify(f"STATUS={snap['inspections']} inspected, {pipeline.mode.value}, backend {pipeline.backend_name}")
         time.sleep(0.1)
-    pipeline.join()
+    if not pipeline.join(60.0):
+        log.error("the pipeline did not finish within 60 s of the stop")
     if watchdog is not None:
         watchdog.stop()
-    counts = results.counts()
+    failure = failure or station.failure()
+    if failure is not None and failure is pipeline.failure:
+        _report_failure(station, failure)
     snap = pipeline.stats.snapshot()
     log.info("stopped: %d inspections %s, %d live frames dropped, %.1f parts/s, end-to-end p50 %.1f ms p99 %.1f ms",
-             snap["inspections"], counts, pipeline.dropped, snap["throughput_per_s"], snap["end_to_end_ms_p50"],
-             snap["end_to_end_ms_p99"])
+             snap["inspections"], snap["verdicts"], pipeline.dropped, snap["throughput_per_s"],
+             snap["end_to_end_ms_p50"], snap["end_to_end_ms_p99"])
     if station.mqtt is not None:
         drained = station.mqtt.stop(settings.mqtt.drain_timeout_s)
         if not drained:
             log.warning("%d message(s) stay in the outbox %s for the next start", station.outbox.depth(),
                         station.outbox.path)
-    station.close()
-    return 1 if pipeline.crashed else 0
+    if not station.close(settings.mqtt.drain_timeout_s):
+        log.error("some records could not be written before the stop (storage fault); they are in this log")
+    if failure is not None:
+        log.critical("exiting with %d so systemd restarts the station: %s", EXIT_THREAD_FAILED, failure.describe())
+        return EXIT_THREAD_FAILED
+    return 0
+
+
+def _report_failure(station: Station, failure: ThreadFailure) -> None:
+    """Log and report a dead thread once: an event (results log, outbox, and straight to the broker)."""
+    log.critical("%s; stopping the station", failure.describe())
+    detail = {"thread": failure.thread, "error": failure.error, "exit_code": EXIT_THREAD_FAILED}
+    reporter = station.mqtt or station.local
+    if reporter is not None:
+        reporter.event("thread_failed", detail)
+    if station.mqtt is not None:
+        station.mqtt.link.publish_direct(station.mqtt.topics.of("event"), EventPayload(
+            station=station.mqtt.station, kind="thread_failed", detail=detail).model_dump_json())
 
 
 def _stdin_triggers(pipeline: Pipeline) -> None:

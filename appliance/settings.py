@@ -56,6 +56,22 @@ class CameraSection(_Section):
     height: int | None = Field(None, ge=16)
     fps: float | None = Field(None, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+    # Bits per pixel of the camera's data (appliance.images.to_8bit scales them to 0..255): 8, 10, 12, 14,
+    # 16, or "auto" (8-bit frames are 8-bit, 16-bit frames are full 16-bit data). A Mono10/Mono12 camera
+    # sends 16-bit frames holding 0..1023 / 0..4095 and must say 10 / 12 here; a frame with values the
+    # declared depth cannot hold gets an `error` verdict. Synthetic parts are always 8-bit.
+    bit_depth: Literal["auto", 8, 10, 12, 14, 16] = "auto"
+    # Largest image file accepted (width x height, read from the header before decoding): a larger or
+    # unrecognised file gets an `error` verdict instead of exhausting memory. Up to 2**29.
+    max_pixels: int = Field(50_000_000, ge=1, le=2**29)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bit_depth_from_text(cls, data: Any) -> Any:
+        # An environment variable is text: APPLIANCE_CAMERA__BIT_DEPTH=12 means the number 12.
+        if isinstance(data, dict) and isinstance(data.get("bit_depth"), str) and data["bit_depth"].strip().isdigit():
+            data = {**data, "bit_depth": int(data["bit_depth"])}
+        return data
 
 
 class InferenceSection(_Section):
@@ -116,6 +132,8 @@ class MqttSection(_Section):
     # On a graceful stop, wait up to this long for the outbox to reach the broker (the rest waits for
     # the next start). systemd's TimeoutStopSec must be longer.
     drain_timeout_s: float = Field(10.0, ge=0, le=600)
+    # A command payload larger than this is refused before it is parsed (a real command is under 250 bytes).
+    max_command_bytes: int = Field(4096, ge=256, le=1_048_576)
     tls: TlsSection = TlsSection()
 
 
@@ -128,6 +146,10 @@ class WatchdogSection(_Section):
 class StorageSection(_Section):
     # Results log, outbox and review images live here.
     data_dir: Path = Path("var")
+    # Records (inspections and events) held in memory per store while it cannot be written (locked, disk
+    # full, read-only, I/O error). When a store's backlog reaches this the station turns fail-safe:
+    # manual_fallback until the store takes writes again. About 2 kB a record.
+    pending_max: int = Field(10_000, ge=10, le=1_000_000)
 
 
 class StationSettings(BaseSettings):

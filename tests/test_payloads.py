@@ -10,9 +10,15 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from appliance.payloads import (
+    COMMAND_ERROR_FIELD_MAX_CHARS,
+    COMMAND_ERROR_OTHER_PROBLEMS_SHOWN,
+    COMMAND_ERROR_REASON_MAX_CHARS,
+    COMMAND_ERROR_VALUE_MAX_CHARS,
     COMMAND_KINDS,
+    DEFAULT_MAX_COMMAND_BYTES,
     KINDS,
     PAYLOAD_MODELS,
+    SCHEMA_VERSION,
     AlertPayload,
     BirthPayload,
     CommandError,
@@ -61,10 +67,10 @@ def sample_messages() -> list[BaseModel]:
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda m: type(m).__name__)
 def test_every_message_round_trips_through_json(message: BaseModel) -> None:
-    # given a message, when it is serialised and read back, then it is equal and still version 1
+    # given a message, when it is serialised and read back, then it is equal and still the current version
     again = type(message).model_validate_json(message.model_dump_json())
     assert again == message
-    assert again.schema_version == 1  # type: ignore[attr-defined]
+    assert again.schema_version == SCHEMA_VERSION == 2  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda m: type(m).__name__)
@@ -171,6 +177,240 @@ def test_parse_command_reports_every_problem_in_one_error() -> None:
         parse_command("cmd/trigger", b'{"part_id": "", "x": 1}')
     assert caught.value.field == "part_id"
     assert "x: unknown field" in caught.value.reason
+
+
+# --- hostile commands: one bounded CommandError, never anything else ------------------------------------------
+
+# What a rejection may add to the station's event, log line and results row, however big the command was.
+REJECTION_JSON_MAX = 600
+BIG = 10**8  # a max_bytes that lets an oversized payload through to the parser
+
+
+def assert_bounded(err: CommandError) -> None:
+    """The rejection is small, printable and encodes to JSON and UTF-8 whatever the sender sent."""
+    assert type(err) is CommandError
+    assert len(json.dumps({"field": err.field, "reason": err.reason})) < REJECTION_JSON_MAX
+    assert len(json.dumps(err.field)) - 2 <= COMMAND_ERROR_FIELD_MAX_CHARS
+    assert len(json.dumps(err.reason)) - 2 <= COMMAND_ERROR_REASON_MAX_CHARS
+    for text in (err.kind, err.field, err.reason, str(err)):
+        assert text.isprintable(), text  # no control characters, newlines or lone surrogates
+        text.encode("utf-8")  # strict: raises on a lone surrogate
+    json.dumps({"field": err.field, "reason": err.reason}, ensure_ascii=False).encode("utf-8")
+
+
+def many_unknown_fields(count: int) -> bytes:
+    return json.dumps({"part_id": "P-1", **{f"field_{i}": i for i in range(count)}}).encode()
+
+
+def nested(depth: int) -> bytes:
+    return b'{"part_id": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+HOSTILE_COMMANDS = [
+    # not JSON
+    ("cmd/mode", b"{not json", None),
+    ("cmd/mode", b"shadow", None),
+    ("cmd/trigger", b'{"part_id": "P-1"', None),
+    ("cmd/trigger", b'{"part_id": "P-1"} {"part_id": "P-2"}', None),
+    ("cmd/trigger", b"{'part_id': 'P-1'}", None),
+    # invalid UTF-8, a byte order mark, null bytes
+    ("cmd/mode", b"\xff\xfe", None),
+    ("cmd/trigger", b'{"part_id": "P-\xc3\x28"}', None),
+    ("cmd/trigger", b'{"part_id": "\xed\xa0\x80"}', None),  # a UTF-8-encoded surrogate
+    ("cmd/trigger", b'\xef\xbb\xbf{"part_id": "P-1"}', None),
+    ("cmd/trigger", b'{"part_id": "P-1"}\x00', None),
+    ("cmd/trigger", b'{"part_id": "P-1\x00"}', None),
+    ("cmd/trigger", b'{"part_id": "P-1\\u0000"}', None),
+    ("cmd/trigger", b'{"part_id": "P-1", "message_id": "m\\u0000\\nforged log line"}', None),
+    # lone surrogates, control and bidi characters in names and values
+    ("cmd/trigger", b'{"part_id": "P-1", "\\ud800\\u0007\\u202e": 1}', None),
+    ("cmd/trigger", b'{"part_id": "P-1", "message_id": "\\udc00"}', None),
+    ("cmd/trigger", b'{"part_id": "\\ud83d"}', None),
+    # NaN and infinities
+    ("cmd/trigger", b'{"part_id": "P-1", "ts_ms": NaN}', None),
+    ("cmd/trigger", b'{"part_id": "P-1", "ts_ms": Infinity}', None),
+    ("cmd/trigger", b'{"part_id": "P-1", "ts_ms": -Infinity}', None),
+    ("cmd/trigger", b'{"part_id": "P-1", "ts_ms": 1e999}', None),
+    ("cmd/rebirth", b"NaN", None),
+    # not an object
+    ("cmd/mode", b'["production"]', None),
+    ("cmd/mode", b'"production"', None),
+    ("cmd/mode", b"42", None),
+    ("cmd/mode", b"null", None),
+    ("cmd/mode", b"true", None),
+    # duplicate keys, at the top and nested
+    ("cmd/mode", b'{"mode": "shadow", "mode": "production"}', None),
+    ("cmd/trigger", b'{"part_id": {"a": 1, "a": 2}}', None),
+    # wrong types
+    ("cmd/trigger", b'{"part_id": 42}', None),
+    ("cmd/trigger", b'{"part_id": null}', None),
+    ("cmd/trigger", b'{"part_id": ["P-1", {"a": [1]}, [2], null, true, 1.5]}', None),
+    ("cmd/trigger", b'{"part_id": "P-1", "ts_ms": "soon"}', None),
+    ("cmd/trigger", b'{"part_id": "P-1", "ts_ms": -1}', None),
+    ("cmd/mode", b'{"mode": true}', None),
+    ("cmd/mode", b'{"mode": "shadow", "message_id": "' + b"m" * 65 + b'"}', None),
+    ("cmd/rebirth", b'{"schema_version": "one"}', None),
+    # huge strings
+    ("cmd/trigger", b'{"part_id": "' + b"A" * 4000 + b'"}', None),
+    ("cmd/trigger", b'{"part_id": "P-1", "' + b"k" * 4000 + b'": 1}', None),
+    ("cmd/trigger", json.dumps({"part_id": "\U0001f600" * 600}).encode(), None),
+    ("cmd/trigger", json.dumps({"x" * 2_000_000: 1}).encode(), BIG),
+    ("cmd/trigger", json.dumps({"part_id": "P-1", "\x00\u202e" * 1_000_000: 1}).encode(), BIG),
+    ("cmd/trigger", json.dumps({"\U0001f600" * 1000 + str(i): i for i in range(50)}).encode(), BIG),
+    # huge numbers
+    ("cmd/trigger", b'{"part_id": "P-1", "ts_ms": ' + b"1" * 4000 + b"}", None),
+    ("cmd/trigger", b'{"part_id": "P-1", "ts_ms": ' + b"1" * 5000 + b"}", BIG),
+    ("cmd/trigger", b'{"part_id": "P-1", "ts_ms": 1.' + b"5" * 4000 + b"}", None),
+    # absurd nesting, huge and small
+    ("cmd/trigger", b"[" * 100_000, BIG),
+    ("cmd/trigger", b'{"a": ' * 100_000, BIG),
+    ("cmd/trigger", nested(2000), None),
+    ("cmd/trigger", nested(900), None),
+    # many problems
+    ("cmd/trigger", many_unknown_fields(9000), BIG),
+    ("cmd/trigger", many_unknown_fields(9000), None),
+    ("cmd/mode", json.dumps({f"\x00{i}": [i] * 50 for i in range(300)}).encode(), BIG),
+    # too big, whatever is inside
+    ("cmd/trigger", b" " * (DEFAULT_MAX_COMMAND_BYTES + 1), None),
+    ("cmd/trigger", b"\xff" * 10_000_000, None),
+    # not a command topic
+    ("cmd/" + "x\x00\ud800" * 1_000_000, b"{}", None),
+]
+
+
+@pytest.mark.parametrize(("kind", "payload", "max_bytes"), HOSTILE_COMMANDS,
+                         ids=[f"{i}-{p[:24]!r}" for i, (_, p, _) in enumerate(HOSTILE_COMMANDS)])
+def test_a_malformed_command_gives_one_bounded_command_error(kind: str, payload: bytes, max_bytes: int | None) -> None:
+    # given any malformed command, when it is parsed, then the only exception is a small, printable CommandError
+    options = {} if max_bytes is None else {"max_bytes": max_bytes}
+    with pytest.raises(CommandError) as caught:
+        parse_command(kind, payload, **options)
+    assert_bounded(caught.value)
+
+
+def test_field_report_9000_unknown_fields_give_one_short_rejection_naming_a_few() -> None:
+    # given the field report's trigger with 9,000 unknown fields (about 89 kB), parsed despite its size
+    payload = many_unknown_fields(9000)
+    with pytest.raises(CommandError) as caught:
+        parse_command("cmd/trigger", payload, max_bytes=len(payload))
+    err = caught.value
+    # then the first is named, a few more listed, the rest counted, and the whole stays small
+    assert err.field == "field_0" and err.reason.startswith("unknown field; also field_1: unknown field")
+    assert err.reason.count("unknown field") == 1 + COMMAND_ERROR_OTHER_PROBLEMS_SHOWN
+    assert err.reason.endswith(f" and {9000 - 1 - COMMAND_ERROR_OTHER_PROBLEMS_SHOWN} more problems")
+    assert "field_8999" not in err.reason
+    assert_bounded(err)
+
+
+def test_field_report_a_2_mb_field_name_is_cut_with_a_marker() -> None:
+    payload = json.dumps({"part_id": "P-1", "x" * 2_000_000: 1}).encode()
+    with pytest.raises(CommandError) as caught:
+        parse_command("cmd/trigger", payload, max_bytes=len(payload))
+    err = caught.value
+    assert err.field == "x" * (COMMAND_ERROR_FIELD_MAX_CHARS - 3) + "..."
+    assert err.reason == "unknown field"
+    assert_bounded(err)
+
+
+def test_a_payload_over_the_limit_is_refused_before_it_is_decoded() -> None:
+    # given payloads one byte over the limit: valid JSON, invalid UTF-8, and nesting deep enough to blow the stack
+    over = DEFAULT_MAX_COMMAND_BYTES + 1
+    for payload in (b'{"part_id": "P-1"}'.ljust(over), b"\xff" * over, b"[" * over):
+        with pytest.raises(CommandError) as caught:
+            parse_command("cmd/trigger", payload)
+        # then each is refused for its size alone: nothing decoded or parsed it
+        assert caught.value.field == "(payload)"
+        assert caught.value.reason == (f"payload of {DEFAULT_MAX_COMMAND_BYTES + 1} bytes is over the limit of "
+                                       f"{DEFAULT_MAX_COMMAND_BYTES} bytes (mqtt.max_command_bytes)")
+
+
+def test_max_bytes_is_the_largest_payload_parsed() -> None:
+    padded = b'{"mode": "shadow"}'.ljust(DEFAULT_MAX_COMMAND_BYTES)  # trailing whitespace is valid JSON
+    assert parse_command("cmd/mode", padded).mode == "shadow"
+    with pytest.raises(CommandError, match="over the limit of 4096 bytes"):
+        parse_command("cmd/mode", padded + b" ")
+    with pytest.raises(CommandError, match="payload of 18 bytes is over the limit of 17 bytes"):
+        parse_command("cmd/mode", b'{"mode": "shadow"}', max_bytes=17)
+    assert parse_command("cmd/mode", b'{"mode": "shadow"}', max_bytes=18).mode == "shadow"
+
+
+def test_a_real_command_is_far_under_the_default_limit() -> None:
+    # the largest valid trigger: a 128-character part id, a 64-character message id, a timestamp, pretty-printed
+    biggest = json.dumps({"part_id": "P" * 128, "message_id": "m" * 64, "ts_ms": 1_700_000_000_000,
+                          "schema_version": 1}, indent=4).encode()
+    assert isinstance(parse_command("cmd/trigger", biggest), TriggerCommand)
+    assert len(biggest) * 10 < DEFAULT_MAX_COMMAND_BYTES
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "reason"),
+    [
+        (b'{"mode": "shadow", "colour": "red"}', "colour", "unknown field"),
+        (b'{"mode": "shadow", "mode": "production"}', "mode", "given more than once; name each field once"),
+        (b'{"mode": "shadow", "ts_ms": NaN}', "(payload)", "not valid JSON: NaN is not a JSON number"),
+        (b'{"mode": "shadow", "ts_ms": Infinity}', "(payload)", "not valid JSON: Infinity is not a JSON number"),
+        (b'{"mode": "shadow", "ts_ms": 1e999}', "(payload)", "the number 1e999 is out of range"),
+        (b'{"mode": "shadow", "ts_ms": ' + b"9" * 40 + b"}", "(payload)",
+         "a number of 40 characters; commands carry none over 32"),
+        (b'\xef\xbb\xbf{"mode": "shadow"}', "(payload)",
+         "not valid JSON: starts with a byte order mark; send UTF-8 without one"),
+        (nested(2000), "(payload)", "nested too deeply to read; a command is one flat JSON object"),
+        (b'{"mode": "shadow\x00"}', "(payload)", "not valid JSON: Invalid control character at line 1 column 17"),
+        (b'{"mode": "shadow", "message_id": "m1\\nforged"}', "message_id",
+         "must be printable text (got 'm1\\nforged')"),
+    ],
+)
+def test_refused_json_names_what_was_wrong(payload: bytes, field: str, reason: str) -> None:
+    assert len(payload) <= DEFAULT_MAX_COMMAND_BYTES  # these reach the parser
+    with pytest.raises(CommandError) as caught:
+        parse_command("cmd/mode", payload)
+    assert (caught.value.field, caught.value.reason) == (field, reason)
+
+
+def test_a_long_value_is_quoted_cut_short() -> None:
+    with pytest.raises(CommandError) as caught:
+        parse_command("cmd/trigger", b'{"part_id": "' + b"A" * 4000 + b'"}')
+    err = caught.value
+    assert err.field == "part_id" and "String should match pattern" in err.reason
+    quoted = err.reason.split("(got ", 1)[1].removesuffix(")")
+    assert quoted == "'" + "A" * (COMMAND_ERROR_VALUE_MAX_CHARS - 4) + "..."
+
+
+def test_a_nested_value_is_quoted_one_level_deep() -> None:
+    with pytest.raises(CommandError) as caught:
+        parse_command("cmd/trigger", b'{"part_id": [1, "a", {"b": [2]}, [3]]}')
+    assert caught.value.reason == "Input should be a valid string (got [1, 'a', {...}, [...]])"
+
+
+def test_unprintable_sender_text_is_escaped_not_passed_on() -> None:
+    with pytest.raises(CommandError) as caught:
+        parse_command("cmd/trigger", b'{"part_id": "P-1", "a\\u0000b\\nc\\u202ed\\ud800": 1}')
+    assert caught.value.field == "a\\x00b\\nc\\u202ed\\ud800"
+    assert caught.value.reason == "unknown field (its name has unprintable characters)"
+    assert_bounded(caught.value)
+
+
+def test_other_problems_are_listed_then_counted() -> None:
+    with pytest.raises(CommandError) as caught:
+        parse_command("cmd/trigger", b'{"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}')
+    assert caught.value.field == "part_id"
+    assert caught.value.reason == ("required field missing; also a: unknown field; b: unknown field; "
+                                   "c: unknown field and 2 more problems")
+    with pytest.raises(CommandError) as caught:
+        parse_command("cmd/trigger", b'{"a": 1, "b": 2, "c": 3, "d": 4}')
+    assert caught.value.reason.endswith("c: unknown field and 1 more problem")
+
+
+def test_command_error_bounds_itself_whoever_raises_it() -> None:
+    # given a CommandError raised elsewhere (the reporter raises its own) with enormous, unprintable text
+    err = CommandError("cmd/" + "k" * 10**6, "\x00" * 10**6, "\ud800" * 10**6)
+    # then it is as small and printable as one from parse_command
+    assert_bounded(err)
+    assert err.field.endswith("...") and err.reason.endswith("...")
+    # and ordinary text passes unchanged
+    ok = CommandError("cmd/mode", "(station)", "the station is still starting")
+    assert (ok.field, ok.reason, str(ok)) == ("(station)", "the station is still starting",
+                                              "cmd/mode: (station): the station is still starting")
 
 
 def test_restamp_sets_seq_and_replayed_without_touching_the_rest() -> None:

@@ -11,8 +11,10 @@ Two behaviours, never mixed:
   is counted as dropped, and `read()` returns the newest frame not yet returned. A failed open or read is
   a disconnect: the reader releases the capture and reopens it with capped exponential backoff.
 
-An unusable frame (empty, wrong type, a truncated image file) becomes a `Frame` with `error` set instead of
-an exception: the pipeline gives that part an `error` verdict and goes on with the next one.
+An unusable frame (empty, wrong type, a truncated image file, an image file over `camera.max_pixels`, values
+that cannot be of `camera.bit_depth`) becomes a `Frame` with `error` set instead of an exception: the pipeline
+gives that part an `error` verdict and goes on with the next one. Every frame, live or from a file, reaches
+the model through `images.to_8bit` with the camera's bit depth.
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ import cv2
 import numpy as np
 
 from appliance.errors import CameraError, FrameError, ImageReadError
-from appliance.images import IMAGE_SUFFIXES, list_images, read_image
+from appliance.images import (
+    DEFAULT_BIT_DEPTH,
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    BitDepth,
+    bit_depth_warning,
+    decode_image,
+    list_images,
+    to_8bit,
+)
 from appliance.preprocess import check_frame
 from appliance.settings import CameraSection
 
@@ -140,12 +151,12 @@ class _RateMeter:
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def _sane(image: object) -> tuple[np.ndarray | None, str | None]:
-    """The frame if it can be inspected, else (None, why); 16-bit frames keep their top 8 bits."""
-    if isinstance(image, np.ndarray) and image.dtype == np.uint16:
-        # The same reduction as images.read_image, so a 16-bit sensor looks alike live and from files.
-        image = (image >> 8).astype(np.uint8)
+def _sane(image: object, bit_depth: BitDepth = DEFAULT_BIT_DEPTH) -> tuple[np.ndarray | None, str | None]:
+    """The frame as uint8 if it can be inspected, else (None, why); see images.to_8bit for `bit_depth`."""
     try:
+        if isinstance(image, np.ndarray):
+            # The same conversion as images.read_image, so a sensor looks alike live and from files.
+            image = to_8bit(image, bit_depth)
         return check_frame(image), None
     except FrameError as exc:
         return None, exc.message
@@ -156,8 +167,10 @@ class FrameSource(ABC):
 
     kind: str = ""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, bit_depth: BitDepth = DEFAULT_BIT_DEPTH) -> None:
         self._name = mask_credentials(name)
+        self._bit_depth = bit_depth
+        self._bit_depth_checked = False
         self._lock = threading.Lock()  # guards the counters below: state() may come from another thread
         self._rate = _RateMeter()
         self._delivered = 0
@@ -170,6 +183,17 @@ class FrameSource(ABC):
     @abstractmethod
     def live(self) -> bool:
         """True when the source runs on its own clock and drops frames the caller did not read in time."""
+
+    def _convert(self, raw: object) -> tuple[np.ndarray | None, str | None]:
+        """`_sane` with this source's bit depth; warns when "auto" meets data that looks like 10-14 bits."""
+        if not self._bit_depth_checked and isinstance(raw, np.ndarray) and raw.size:
+            # The first frame only: a Mono12 camera shows it at once, and a full-range 16-bit camera should
+            # not pay a pass over every frame for a warning it never needs.
+            self._bit_depth_checked = True
+            warning = bit_depth_warning(raw, self._bit_depth)
+            if warning:
+                log.warning("camera %s: %s", self._name, warning)
+        return _sane(raw, self._bit_depth)
 
     @property
     def exhausted(self) -> bool:
@@ -223,8 +247,8 @@ class FrameSource(ABC):
 class OnDemandSource(FrameSource):
     """A finite or repeatable source decoded in the caller's thread, one frame per `read()`."""
 
-    def __init__(self, name: str, loop: bool) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, loop: bool, bit_depth: BitDepth = DEFAULT_BIT_DEPTH) -> None:
+        super().__init__(name, bit_depth)
         self._loop = loop
         self._exhausted = False
         self._index = 0
@@ -251,7 +275,7 @@ class OnDemandSource(FrameSource):
             return None
         image, name, error = item
         if error is None:
-            image, error = _sane(image)
+            image, error = self._convert(image)
         now_mono = time.monotonic()
         frame = Frame(image, self._index, time.time(), now_mono, name, error)
         with self._lock:
@@ -274,9 +298,13 @@ class VideoFileSource(OnDemandSource):
 
     kind = "video_file"
 
-    def __init__(self, path: Path, loop: bool = False) -> None:
-        super().__init__(str(path), loop)
+    def __init__(
+        self, path: Path, loop: bool = False, bit_depth: BitDepth = DEFAULT_BIT_DEPTH,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__(str(path), loop, bit_depth)
         self._path = path
+        self._max_pixels = max_pixels
         self._cap = self._open()
         self._frames_this_pass = 0
 
@@ -287,6 +315,14 @@ class VideoFileSource(OnDemandSource):
             raise CameraError(
                 f"camera.source {self._path} cannot be opened as a video",
                 hint="check that the file is a complete video (e.g. .mp4, .avi, .mkv) that ffmpeg can play",
+            )
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if width * height > self._max_pixels:
+            cap.release()
+            raise CameraError(
+                f"camera.source {self._path} has {width} x {height} = {width * height} pixel frames, over the "
+                f"limit camera.max_pixels = {self._max_pixels}",
+                hint="if the camera really delivers frames this large, raise camera.max_pixels",
             )
         return cap
 
@@ -320,9 +356,13 @@ class ImageFilesSource(OnDemandSource):
 
     kind = "images"
 
-    def __init__(self, name: str, files: list[Path], loop: bool = False) -> None:
-        super().__init__(name, loop)
+    def __init__(
+        self, name: str, files: list[Path], loop: bool = False, bit_depth: BitDepth = DEFAULT_BIT_DEPTH,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__(name, loop, bit_depth)
         self._files = files
+        self._max_pixels = max_pixels
         self._pos = 0
 
     def _next(self) -> tuple[np.ndarray | None, str, str | None] | None:
@@ -333,12 +373,11 @@ class ImageFilesSource(OnDemandSource):
         path = self._files[self._pos]
         self._pos += 1
         try:
-            return read_image(path), path.name, None
+            # Decoded as stored: read() brings it to 8 bits with the camera's bit depth, as for live frames.
+            return decode_image(path, self._max_pixels), path.name, None
         except ImageReadError as exc:
             # A bad file is one bad part, not a stopped line.
             return None, path.name, exc.message
-        except cv2.error as exc:  # a decoder that gives up loudly (e.g. absurd dimensions in the header)
-            return None, path.name, f"image {path} cannot be decoded: {exc.err or exc}"
 
 
 class SyntheticSource(OnDemandSource):
@@ -347,6 +386,7 @@ class SyntheticSource(OnDemandSource):
     kind = "synthetic"
 
     def __init__(self, count: int | None = None, loop: bool = False, size: int = _SYNTHETIC_SIZE, seed: int = 0):
+        # Rendered as 8-bit images whatever camera.bit_depth says: the setting describes a real camera.
         super().__init__("synthetic" if count is None else f"synthetic:{count}", loop)
         # Imported here: training.synthetic needs only OpenCV and numpy (no torch), and stations that use
         # a real camera should not load it at all.
@@ -391,8 +431,9 @@ class LiveSource(FrameSource):
         opener: Callable[[], Capture],
         reconnect_max_s: float = 30.0,
         backoff_start_s: float = BACKOFF_START_S,
+        bit_depth: BitDepth = DEFAULT_BIT_DEPTH,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, bit_depth)
         self.kind = kind
         self._opener = opener
         self._backoff_start = min(backoff_start_s, reconnect_max_s)
@@ -508,7 +549,7 @@ class LiveSource(FrameSource):
             log.warning("camera %s disconnected: %s", self._name, why)
 
     def _deliver(self, raw: np.ndarray, down_since: float | None) -> None:
-        image, error = _sane(raw)
+        image, error = self._convert(raw)
         now_mono = time.monotonic()
         with self._cond:
             frame = Frame(image, self._index, time.time(), now_mono, "", error)
@@ -623,7 +664,8 @@ def open_source(cfg: CameraSection, opener: Callable[[], Capture] | None = None)
 
     if source.isdigit():
         # Before the path checks: a stray file named "0" in the working directory must not win.
-        return LiveSource(shown, "device", opener or _device_opener(int(source), cfg), cfg.reconnect_max_s)
+        return LiveSource(shown, "device", opener or _device_opener(int(source), cfg), cfg.reconnect_max_s,
+                          bit_depth=cfg.bit_depth)
 
     path = Path(source)
     # Existing paths first: a folder or file name may contain "!" or "[" like a pipeline or a glob.
@@ -631,11 +673,11 @@ def open_source(cfg: CameraSection, opener: Callable[[], Capture] | None = None)
         files = list_images(path)
         if not files:
             raise CameraError(f"camera.source folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        return ImageFilesSource(str(path), files, cfg.loop)
+        return ImageFilesSource(str(path), files, cfg.loop, cfg.bit_depth, cfg.max_pixels)
     if path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            return ImageFilesSource(str(path), [path], cfg.loop)
-        return VideoFileSource(path, cfg.loop)
+            return ImageFilesSource(str(path), [path], cfg.loop, cfg.bit_depth, cfg.max_pixels)
+        return VideoFileSource(path, cfg.loop, cfg.bit_depth, cfg.max_pixels)
 
     live_opener: Callable[[], Capture] | None = None
     kind = ""
@@ -649,13 +691,13 @@ def open_source(cfg: CameraSection, opener: Callable[[], Capture] | None = None)
         # Not checked for existence: a USB camera unplugged at boot appears later and is picked up then.
         kind, live_opener = "device", _device_opener(source, cfg)
     if kind:
-        return LiveSource(shown, kind, opener or live_opener, cfg.reconnect_max_s)
+        return LiveSource(shown, kind, opener or live_opener, cfg.reconnect_max_s, bit_depth=cfg.bit_depth)
 
     if _GLOB_MAGIC.search(source):
         files = _image_files(glob.glob(source))
         if not files:
             raise CameraError(f"camera.source glob {source!r} matches no image files ({', '.join(IMAGE_SUFFIXES)})")
-        return ImageFilesSource(source, files, cfg.loop)
+        return ImageFilesSource(source, files, cfg.loop, cfg.bit_depth, cfg.max_pixels)
     if path.exists():
         raise CameraError(f"camera.source {shown!r} is neither a file nor a folder; {_EXPECTED}")
     raise CameraError(f"camera.source {shown!r} does not exist and is not a known source; {_EXPECTED}")

@@ -71,13 +71,21 @@ def _cmd_show_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (OpenCV's span several), with its type if foreign."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if isinstance(exc, ApplianceError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _cmd_classify(args: argparse.Namespace) -> int:
     """Classify image files with the bundle's FP32 model on ONNX Runtime (CPU)."""
     import numpy as np
 
     from appliance.bundle import load_bundle
     from appliance.decision import OperatingPoint, Verdict, decide, defect_score
-    from appliance.images import list_images, read_image
+    from appliance.images import DEFAULT_MAX_PIXELS, bit_depth_warning, decode_image, list_images, to_8bit
     from appliance.ort_backend import OnnxRuntimeBackend
     from appliance.preprocess import preprocess
 
@@ -87,21 +95,32 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     op = OperatingPoint(meta.decision.threshold, meta.decision.band_low, meta.decision.band_high)
     paths: list[Path] = []
     for item in args.images:
-        paths += list_images(item) if item.is_dir() else [item]
+        try:
+            paths += list_images(item) if item.is_dir() else [item]
+        except OSError as exc:
+            raise ConfigError(f"folder {item} cannot be listed: {exc.strerror or exc}") from exc
     if not paths:
         raise ConfigError(f"no images found in {', '.join(str(i) for i in args.images)}")
+    max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
     buf = np.empty((1, *meta.preprocess.input_shape), dtype=np.float32)
     counts: dict[str, int] = {}
     for path in paths:
+        # Whatever goes wrong with one image (a hostile file, a decoder error, memory) is that image's
+        # `error` line: the others are still classified and the summary still printed.
         try:
-            preprocess(read_image(path), meta.preprocess, out=buf[0])
+            raw = decode_image(path, max_pixels)
+            warning = bit_depth_warning(raw, args.bit_depth)
+            preprocess(to_8bit(raw, args.bit_depth), meta.preprocess, out=buf[0])
+            del raw  # a large frame need not stay in memory while the next one is read
             score = defect_score(backend.infer(buf)[0], meta.defect_index)
-            verdict = decide(score, op)
-            detail = f"defect probability {score:.4f}"
-        except ApplianceError as exc:
-            verdict, detail = Verdict.ERROR, str(exc).splitlines()[0]
-        counts[verdict.value] = counts.get(verdict.value, 0) + 1
-        print(f"{path}: {verdict.value:15s} {detail}")
+            verdict = decide(score, op).value
+            detail = f"defect probability {score:.4f}" + (f"  (warning: {warning})" if warning else "")
+        except MemoryError:
+            verdict, detail = Verdict.ERROR.value, "out of memory while reading or classifying this image"
+        except Exception as exc:
+            verdict, detail = Verdict.ERROR.value, _first_line(exc)
+        counts[verdict] = counts.get(verdict, 0) + 1
+        print(f"{path}: {verdict:15s} {detail}", flush=True)
     print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"  (model {bundle.model_id})")
     return 0
 
@@ -136,6 +155,25 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     from engines.__main__ import main as engines_main
 
     return engines_main(args.engine_args)
+
+
+def _bit_depth(text: str) -> str | int:
+    from appliance.images import BIT_DEPTHS
+
+    value: str | int = int(text) if text.strip().isdigit() else text.strip()
+    if value not in BIT_DEPTHS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, BIT_DEPTHS))}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,10 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="classify image files with a bundle on the CPU",
                        description="Run the bundle's FP32 model (ONNX Runtime, CPU) on image files or folders "
-                       "and print a verdict per image: pass, fail, manual_required or error.")
+                       "and print a verdict per image: pass, fail, manual_required or error. An image that "
+                       "cannot be read, is over --max-pixels, or does not match --bit-depth gets an `error` "
+                       "line with the reason and the others are still classified; a summary line ends the "
+                       "output. Exit code 0 when every image got its line (error lines included); 2 when no "
+                       "image was found, 4 when the bundle is unusable.")
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
     p.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"), help="model bundle directory")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument("--bit-depth", type=_bit_depth, default="auto", metavar="{auto,8,10,12,14,16}",
+                   help="bits per pixel of the images' data, as camera.bit_depth: 12 for Mono12 frames saved "
+                   "as 16-bit PNG/TIFF (values 0..4095); auto (default) takes 8-bit files as 8-bit and "
+                   "16-bit files as full 16-bit data")
+    # The default is camera.max_pixels's, resolved when classify runs: appliance.images loads OpenCV.
+    p.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="largest image accepted, width x height read from the file header before decoding, "
+                   "as camera.max_pixels (default 50000000)")
     p.set_defaults(func=_cmd_classify)
     return parser
 

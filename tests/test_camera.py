@@ -7,6 +7,7 @@ as scripted before the camera comes back.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from test_images_bit_depth import claiming_png
 
 from appliance.camera import (
     CameraState,
@@ -108,9 +110,17 @@ class FlakyCamera:
         return cv2.VideoCapture(str(self.clip.with_name("unplugged.avi")))
 
 
-def live_camera(opener: Callable[[], object], source: str = "rtsp://10.0.0.5/stream1") -> FrameSource:
+def live_camera(
+    opener: Callable[[], object], source: str = "rtsp://10.0.0.5/stream1", bit_depth: str | int = "auto"
+) -> FrameSource:
     # A short reconnect cap keeps the backoff (0.1 s steps) fast in tests; production starts at 0.5 s.
-    return open_source(CameraSection(source=source, reconnect_max_s=0.1), opener=opener)
+    return open_source(CameraSection(source=source, reconnect_max_s=0.1, bit_depth=bit_depth), opener=opener)
+
+
+def write_mono12(path: Path, value: int, size: tuple[int, int] = (40, 30)) -> Path:
+    """A 16-bit gray PNG or TIFF holding `value` everywhere, as a Mono12 camera's frames are saved."""
+    assert cv2.imwrite(str(path), np.full((size[1], size[0]), value, np.uint16))
+    return path
 
 
 def wait_for_state(source: FrameSource, condition: Callable[[CameraState], bool], timeout: float = 3.0) -> CameraState:
@@ -202,6 +212,77 @@ def test_corrupt_image_gives_an_error_frame_and_the_next_part_still_comes(tmp_pa
         assert int(frames[2].image.mean()) == 120
         state = source.state()
         assert state.frames_delivered == 4 and "004.png" in state.last_error
+
+
+def test_a_mono12_folder_is_scaled_by_the_declared_bit_depth_and_a_hot_frame_is_an_error(tmp_path: Path) -> None:
+    write_mono12(tmp_path / "001.png", 4095)
+    write_mono12(tmp_path / "002.tif", 2048)
+    write_mono12(tmp_path / "003.png", 4096)  # a value no 12-bit camera sends
+    write_image(tmp_path / "004.png", 100)  # an 8-bit file where 12-bit data is declared
+    write_mono12(tmp_path / "005.png", 1000)
+
+    with open_source(CameraSection(source=str(tmp_path), bit_depth=12)) as source:
+        frames = read_all(source)
+
+    assert [f.ok for f in frames] == [True, True, False, False, True]
+    assert [int(frames[i].image.max()) for i in (0, 1, 4)] == [255, 128, 62]  # round(v * 255 / 4095)
+    assert frames[0].image.dtype == np.uint8
+    assert "max value 4096" in frames[2].error and "camera.bit_depth = 12" in frames[2].error
+    assert "8-bit" in frames[3].error and "camera.bit_depth = 12" in frames[3].error
+
+
+def test_a_16_bit_container_is_16_bit_data_under_auto_and_the_likely_depth_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(3):
+        write_mono12(tmp_path / f"{i}.png", 4095)
+
+    with caplog.at_level(logging.WARNING, logger="appliance.camera"), \
+            open_source(CameraSection(source=str(tmp_path))) as source:
+        frames = read_all(source)
+
+    assert all(f.ok for f in frames) and {int(f.image.max()) for f in frames} == {16}  # round(4095 / 257)
+    warnings = [r.getMessage() for r in caplog.records if "bit_depth" in r.getMessage()]
+    assert len(warnings) == 1 and "camera.bit_depth = 12" in warnings[0]
+
+
+def test_a_16_bit_container_with_bit_depth_8_gives_error_frames(tmp_path: Path) -> None:
+    write_mono12(tmp_path / "a.png", 200)
+    with open_source(CameraSection(source=str(tmp_path), bit_depth=8)) as source:
+        (frame,) = read_all(source)
+    assert not frame.ok and "16-bit" in frame.error and "camera.bit_depth = 8" in frame.error
+
+
+def test_an_image_claiming_too_many_pixels_is_an_error_frame_and_the_next_part_still_comes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import appliance.images
+
+    decoded: list[int] = []
+    real = cv2.imdecode
+    monkeypatch.setattr(appliance.images.cv2, "imdecode",
+                        lambda buf, flags: decoded.append(len(buf)) or real(buf, flags))
+    write_image(tmp_path / "001.png", 60)
+    (tmp_path / "002.png").write_bytes(claiming_png(100_000, 100_000))
+    (tmp_path / "003.png").write_bytes(claiming_png(20_000, 20_000))
+    write_image(tmp_path / "004.png", 120, size=(100, 50))  # over the configured limit of 4000
+
+    with open_source(CameraSection(source=str(tmp_path), max_pixels=4_000)) as source:
+        frames = read_all(source)
+        state = source.state()
+
+    assert [f.ok for f in frames] == [True, False, False, False]
+    assert "100000 x 100000 = 10000000000 pixels" in frames[1].error and "camera.max_pixels = 4000" in frames[1].error
+    assert "20000 x 20000 = 400000000 pixels" in frames[2].error
+    assert "100 x 50 = 5000 pixels" in frames[3].error
+    assert len(decoded) == 1  # only 001.png was decoded
+    assert state.frames_delivered == 4 and "004.png" in state.last_error
+
+
+def test_a_video_with_frames_over_the_pixel_limit_is_a_camera_error(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path, 3)
+    with pytest.raises(CameraError, match=r"64 x 48 = 3072 pixel frames, over the limit camera\.max_pixels = 3000"):
+        open_source(CameraSection(source=str(clip), max_pixels=3_000))
 
 
 def test_glob_pattern_selects_matching_images_in_sorted_order(tmp_path: Path) -> None:
@@ -317,6 +398,41 @@ def test_unusable_live_frames_become_error_frames_and_16_bit_frames_are_reduced(
     assert bad is not None and bad.image is None and "float32" in bad.error
     assert good is not None and good.ok and good.image.dtype == np.uint8
     assert clip_frame_number(good.image, 6) == good.index
+
+
+def test_live_mono12_frames_are_scaled_by_the_declared_bit_depth_and_a_hot_frame_is_an_error(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path, 6)
+
+    class Mono12Capture(PacedCapture):
+        """The clip as a Mono12 camera: 16-bit gray frames holding v * 4095 / 255; the second one too hot."""
+
+        def __init__(self) -> None:
+            super().__init__(clip, fps=20.0)
+            self.count = 0
+
+        def read(self) -> tuple[bool, np.ndarray | None]:
+            ok, image = super().read()
+            self.count += 1
+            if not ok:
+                return ok, image
+            gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.uint32)
+            mono12 = ((gray * 4095 + 127) // 255).astype(np.uint16)
+            if self.count == 2:
+                mono12[0, 0] = 4096
+            return True, mono12
+
+    opens = iter([True])
+    opener = lambda: Mono12Capture() if next(opens, False) else cv2.VideoCapture("")  # noqa: E731
+    with live_camera(opener, bit_depth=12) as source:
+        frames = []
+        while (frame := source.read(timeout=1.0)) is not None:  # until the clip ends
+            frames.append(frame)
+
+    by_index = {f.index: f for f in frames}
+    hot = by_index[1]  # at 20 frames/s none is dropped while this loop waits for the next
+    assert not hot.ok and "max value 4096" in hot.error and "camera.bit_depth = 12" in hot.error
+    others = [f for f in frames if f.index != 1]
+    assert len(others) >= 4 and all(f.ok and clip_frame_number(f.image, 6) == f.index for f in others)
 
 
 def test_missing_camera_at_start_is_reported_disconnected_rather_than_raised() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.errors import DatasetError
-from appliance.images import list_images, read_image
+from appliance.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, BitDepth, list_images, read_image
 
 OK_DIR, DEFECT_DIR = "ok", "defect"
 
@@ -40,8 +40,14 @@ def fingerprint(samples: Sequence[Sample]) -> str:
     return h.hexdigest()
 
 
-def load_folder(root: str | Path) -> list[Sample]:
-    """Load a customer dataset: `root/ok/*.png|jpg...` and `root/defect/*`, both non-empty."""
+def load_folder(
+    root: str | Path, bit_depth: BitDepth = DEFAULT_BIT_DEPTH, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Sample]:
+    """Load a customer dataset: `root/ok/*.png|jpg...` and `root/defect/*`, both non-empty.
+
+    Images are read as the station reads them (appliance.images.read_image): `bit_depth` as the station's
+    camera.bit_depth (a dataset saved from a Mono12 camera needs 12), files over `max_pixels` refused.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
@@ -60,7 +66,10 @@ def load_folder(root: str | Path) -> list[Sample]:
                 f"class folder {root / sub} holds no images (.png, .jpg, .bmp, .tif, .webp)",
                 hint="each class needs examples; a few hundred per class is a good start",
             )
-        samples += [Sample(name=f"{sub}/{f.name}", image=read_image(f), label=label, group=sub) for f in files]
+        samples += [
+            Sample(name=f"{sub}/{f.name}", image=read_image(f, bit_depth, max_pixels), label=label, group=sub)
+            for f in files
+        ]
     return samples
 
 

@@ -39,6 +39,7 @@ log = logging.getLogger("appliance.storage")
 BUSY_TIMEOUT_S = 2.0
 _CORRUPT = ("file is not a database", "database disk image is malformed", "malformed database schema")
 _CORRUPT_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 
 def is_corruption(exc: BaseException) -> bool:
@@ -211,9 +212,18 @@ class SqliteStore:
             identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
         except FileNotFoundError:
             identity = None
-        if identity == self._identity:
+        if identity != self._identity:
+            self._rebuild_from_handle(replaced=identity is not None)
             return
-        self._rebuild_from_handle(replaced=identity is not None)
+        # Overwritten in place (same inode): SQLite in WAL mode can go on writing its cached pages without
+        # noticing, so look at the header ourselves (16 bytes; a few microseconds).
+        try:
+            with open(self.path, "rb") as f:
+                header = f.read(len(_MAGIC))
+        except OSError:
+            return  # unreadable now: the transaction will fail with the real error
+        if header and header != _MAGIC:
+            self._discard_corrupt(f"its header is not SQLite's ({header[:16]!r})")
 
     def _rebuild_from_handle(self, replaced: bool) -> None:
         assert self._db is not None
@@ -246,12 +256,16 @@ class SqliteStore:
 
     def _after_error(self, exc: BaseException) -> None:
         if is_corruption(exc) and self._db is not None:
+            self._discard_corrupt(describe(exc))
+
+    def _discard_corrupt(self, why: str) -> None:
+        if self._db is not None:
             with suppress(sqlite3.Error):
                 self._db.close()
-            self._db = None
-            aside = self._move_aside("corrupt")
-            self._note("corrupt_file_moved_aside", f"{self.what} {self.path} became corrupt ({describe(exc)}); moved "
-                       f"to {aside.name}, a new file is started", moved_to=str(aside))
+        self._db = None
+        aside = self._move_aside("corrupt")
+        self._note("corrupt_file_moved_aside", f"{self.what} {self.path} became corrupt ({why}); moved to "
+                   f"{aside.name}, a new file is started", moved_to=str(aside))
 
     def _move_aside(self, why: str) -> Path:
         aside = self.path.with_name(f"{self.path.name}.{why}-{_utc_stamp()}")

@@ -426,9 +426,21 @@ class MqttLink:
     def _pump_direct(self, client: mqtt.Client) -> None:
         while self._direct:
             topic, payload = self._direct[0]
+            stamped = restamp(payload, self._seq + 1, replayed=False)
+            size = _publish_size(topic, stamped)
+            if self._max_packet is not None and size > self._max_packet:
+                # Sent, it would make the broker drop the connection (and what is in flight with it). There is
+                # no outbox row to move aside: the process log is its last record.
+                self._direct.popleft()
+                message = (f"a message on {topic} not sent and dropped: {size} bytes, over the broker's Maximum "
+                           f"Packet Size {self._max_packet}")
+                self._set_error(message)
+                log.error("MQTT: %s", message)
+                continue
             self._seq += 1
-            info = client.publish(topic, restamp(payload, self._seq, replayed=False), qos=1)
+            info = client.publish(topic, stamped, qos=1)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._seq -= 1
                 return  # the connection broke: kept for the next one
             self._direct.popleft()
 
@@ -616,9 +628,12 @@ class MqttLink:
         self._settle(row, "(outbox)", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        kind = self.config.topics.kind_of(message.topic)
-        if kind is None or self._on_command is None:
+        # Every topic under the station's `cmd/`, known kinds or not: an unknown one (`cmd/reboot`) is the
+        # command sink's to refuse with an answer, not this link's to drop in silence.
+        commands = self.config.topics.prefix + "/cmd/"
+        if self._on_command is None or not message.topic.startswith(commands):
             return
+        kind = message.topic[len(self.config.topics.prefix) + 1:]
         try:
             self._on_command(kind, bytes(message.payload), bool(message.retain))
         except Exception:

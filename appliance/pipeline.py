@@ -141,7 +141,7 @@ class PipelineConfig:
     # unique across restarts; the runtime sets it from a counter persisted in the results log.
     run_id: str = ""
     # At the end of the stream the decide thread waits this long for the reporter to write what it holds.
-    flush_timeout_s: float = 30.0
+    flush_timeout_s: float = 10.0
 
 
 class Pipeline:

@@ -58,6 +58,7 @@ log = logging.getLogger("appliance.reporting")
 BOOT_ID = uuid.uuid4().hex  # one per process: a birth with a new boot id means the station restarted
 _SEEN_COMMANDS = 1024  # message ids remembered for de-duplication
 _BACKEND_EVENTS = frozenset({"gpu_lost", "gpu_back", "cpu_fallback", "backend_failed"})
+_URGENT_EVENTS = frozenset({"storage_fault", "storage_recovered", "storage_repaired", "thread_failed"})
 
 
 class LogReporter:
@@ -253,9 +254,10 @@ class MqttReporter:
         self.local.event(kind, detail)
         message = NewMessage(self.topics.of("event"),
                              EventPayload(station=self.station, kind=kind, detail=detail).model_dump_json(), 1, "event")
-        if self.spool.faulted:
-            # The outbox cannot take it now: the control room hears it at once (and once more, the same
-            # message_id, when the outbox has it written).
+        if kind in _URGENT_EVENTS or self.spool.faulted:
+            # The outbox cannot take it now, or it is about the storage itself (and may wait behind a backlog
+            # that cannot be written): the control room hears it at once, and once more, with the same
+            # message_id, when the outbox has it written.
             self.link.publish_direct(message.topic, message.payload)
         self._spool((message,), "event")
         if kind in _BACKEND_EVENTS:
@@ -267,9 +269,10 @@ class MqttReporter:
     # --- commands (link thread) ------------------------------------------------------------------------------
     def on_command(self, kind: str, payload: bytes, retained: bool) -> None:
         message_id = None
-        if not payload.strip() and kind != "cmd/rebirth":
-            # An empty message is how MQTT clears a retained one; it carries no command to refuse.
-            log.info("empty %s message ignored (a retained command being cleared)", kind)
+        if not payload.strip() and (retained or kind != "cmd/rebirth"):
+            # An empty message is how MQTT clears a retained one (it arrives retained: the subscription is Retain
+            # As Published); it carries no command to refuse. An empty non-retained rebirth is a rebirth.
+            log.info("empty %r message ignored (a retained command being cleared)", kind[:64])
             return
         try:
             if retained:
@@ -282,9 +285,14 @@ class MqttReporter:
                 log.info("command %s %s already applied; duplicate ignored", kind, message_id)
                 return
             self._apply(kind, command)
+            if message_id is not None:
+                # Remembered once applied: a rejected command was never applied, so its redelivery is answered
+                # again rather than called a duplicate.
+                self._remember(message_id)
         except CommandError as exc:
             log.warning("command rejected: %s", exc)
-            self.event("command_rejected", {"command": kind, "field": exc.field, "reason": exc.reason,
+            # exc.kind, not kind: the topic level is the sender's text, cut to the bound there.
+            self.event("command_rejected", {"command": exc.kind, "field": exc.field, "reason": exc.reason,
                                             "command_message_id": message_id})
 
     def _apply(self, kind: str, command: TriggerCommand | ModeCommand | RebirthCommand) -> None:
@@ -305,12 +313,13 @@ class MqttReporter:
 
     def _already_seen(self, message_id: str) -> bool:
         with self._seen_lock:
-            if message_id in self._seen:
-                return True
+            return message_id in self._seen
+
+    def _remember(self, message_id: str) -> None:
+        with self._seen_lock:
             self._seen[message_id] = None
             while len(self._seen) > _SEEN_COMMANDS:
                 self._seen.popitem(last=False)
-            return False
 
     # --- birth, health, monitor --------------------------------------------------------------------------------
     def _birth(self, bd_seq: int) -> BirthPayload:

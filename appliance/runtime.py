@@ -20,7 +20,7 @@ from appliance.errors import ConfigError, GpuUnavailableError
 from appliance.mqtt_link import LinkConfig
 from appliance.ort_backend import OnnxRuntimeBackend
 from appliance.outbox import Outbox
-from appliance.payloads import EventPayload, Topics
+from appliance.payloads import Topics
 from appliance.pipeline import Pipeline, PipelineConfig
 from appliance.reporting import LogReporter, MqttReporter, config_hash
 from appliance.results_log import ResultsLog
@@ -248,8 +248,10 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
             snap = pipeline.stats.snapshot()
             notify(f"STATUS={snap['inspections']} inspected, {pipeline.mode.value}, backend {pipeline.backend_name}")
         time.sleep(0.1)
-    if not pipeline.join(60.0):
-        log.error("the pipeline did not finish within 60 s of the stop")
+    # After a thread died the stages behind it may wait forever for it: do not wait long for them.
+    join_s = 60.0 if failure is None else 10.0
+    if not pipeline.join(join_s):
+        log.error("the pipeline did not finish within %.0f s of the stop", join_s)
     if watchdog is not None:
         watchdog.stop()
     failure = failure or station.failure()
@@ -278,10 +280,7 @@ def _report_failure(station: Station, failure: ThreadFailure) -> None:
     detail = {"thread": failure.thread, "error": failure.error, "exit_code": EXIT_THREAD_FAILED}
     reporter = station.mqtt or station.local
     if reporter is not None:
-        reporter.event("thread_failed", detail)
-    if station.mqtt is not None:
-        station.mqtt.link.publish_direct(station.mqtt.topics.of("event"), EventPayload(
-            station=station.mqtt.station, kind="thread_failed", detail=detail).model_dump_json())
+        reporter.event("thread_failed", detail)  # also straight to the broker: see reporting._URGENT_EVENTS
 
 
 def _stdin_triggers(pipeline: Pipeline) -> None:

@@ -11,9 +11,12 @@ Why each rule:
   everything is gone when the process exits. So every transaction first compares the path's inode with the
   one opened; a deleted or replaced file is rebuilt from the still-open handle with SQLite's backup API
   (nothing committed is lost), and a replaced file is kept beside it.
-- A corrupt file (SQLITE_CORRUPT / SQLITE_NOTADB, at open or later) is moved aside as
-  `<name>.corrupt-<UTC time>` for forensics (`sqlite3 <file> .recover`) and a fresh file is started, so the
-  station keeps recording instead of refusing to start.
+- A corrupt file (SQLite reports SQLITE_CORRUPT / SQLITE_NOTADB, at open or on any later read or write) is
+  moved aside as `<name>.corrupt-<UTC time>` for forensics (`sqlite3 <file> .recover`) and a fresh file is
+  started, so the station keeps recording instead of refusing to start. Damage SQLite has not read yet
+  (pages it still holds in its cache or WAL) is found when it reads them, at the latest at the next start.
+  Nothing here opens the database file with a plain `open()`: closing such a descriptor drops every POSIX
+  lock the process holds on the file, SQLite's included (sqlite.org/howtocorrupt.html, section 2.2).
 - A store that cannot be opened at all (read-only or full file system, a missing folder) does not stop the
   station: every later call tries to open it again and raises the real error until it works.
 
@@ -39,7 +42,6 @@ log = logging.getLogger("appliance.storage")
 BUSY_TIMEOUT_S = 2.0
 _CORRUPT = ("file is not a database", "database disk image is malformed", "malformed database schema")
 _CORRUPT_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
-_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 
 def is_corruption(exc: BaseException) -> bool:
@@ -65,8 +67,9 @@ def _utc_stamp() -> str:
 class SqliteStore:
     """One SQLite file shared by the station's threads: a re-entrant lock, `transaction()` and `reading()`.
 
-    `open_now=True` raises the opening error at once (tools that read a log); the station passes False and
-    keeps running with the store closed until it can be opened. Subclasses override `_opened(db)` to
+    `open_now=True` raises the opening error at once and repairs nothing (tools that read a log); the station
+    passes False: it keeps running with the store closed until it can be opened, and it alone rebuilds a
+    deleted file and moves a corrupt one aside. Subclasses override `_opened(db)` to
     rebuild in-memory state from a freshly opened file.
     """
 
@@ -82,6 +85,7 @@ class SqliteStore:
         self._identity: tuple[int, int] | None = None
         self._notes: list[dict[str, str]] = []
         self._counters: dict[str, int] = {}  # the last value handed out per counter, whether stored or not
+        self._repair = not open_now  # only the station moves a corrupt file aside; a tool reading it must not
         try:
             with self.lock:
                 self._connection()
@@ -102,8 +106,8 @@ class SqliteStore:
         """
         with self.lock:
             db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
             try:
+                db.execute("BEGIN IMMEDIATE")
                 yield db
                 db.execute("COMMIT")
             except BaseException as exc:
@@ -178,7 +182,7 @@ class SqliteStore:
         try:
             db = self._connect()
         except sqlite3.DatabaseError as exc:
-            if not is_corruption(exc):
+            if not is_corruption(exc) or not self._repair:
                 raise
             aside = self._move_aside("corrupt")
             self._note("corrupt_file_moved_aside", f"{self.what} {self.path} was corrupt at open ({describe(exc)}); "
@@ -207,6 +211,8 @@ class SqliteStore:
 
     def _check_identity(self) -> None:
         """Rebuild the file from the open handle when the path no longer names the file we write."""
+        if not self._repair:
+            return
         try:
             st = os.stat(self.path)
             identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
@@ -214,16 +220,6 @@ class SqliteStore:
             identity = None
         if identity != self._identity:
             self._rebuild_from_handle(replaced=identity is not None)
-            return
-        # Overwritten in place (same inode): SQLite in WAL mode can go on writing its cached pages without
-        # noticing, so look at the header ourselves (16 bytes; a few microseconds).
-        try:
-            with open(self.path, "rb") as f:
-                header = f.read(len(_MAGIC))
-        except OSError:
-            return  # unreadable now: the transaction will fail with the real error
-        if header and header != _MAGIC:
-            self._discard_corrupt(f"its header is not SQLite's ({header[:16]!r})")
 
     def _rebuild_from_handle(self, replaced: bool) -> None:
         assert self._db is not None
@@ -255,7 +251,7 @@ class SqliteStore:
         self._open()
 
     def _after_error(self, exc: BaseException) -> None:
-        if is_corruption(exc) and self._db is not None:
+        if is_corruption(exc) and self._db is not None and self._repair:
             self._discard_corrupt(describe(exc))
 
     def _discard_corrupt(self, why: str) -> None:

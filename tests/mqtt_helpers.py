@@ -6,7 +6,9 @@ Imported by the test modules (pytest puts tests/ on sys.path); not a test module
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ import cv2
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from appliance.payloads import EventPayload
 from appliance.runtime import Station, build_station
 from appliance.settings import StationSettings
 from training.synthetic import render_part
@@ -32,6 +35,7 @@ class Received:
     payload: dict[str, Any]
     retain: bool
     at: float  # time.monotonic() on arrival
+    size: int = 0  # payload bytes as they came over the wire
 
 
 class Subscriber:
@@ -69,7 +73,8 @@ class Subscriber:
         parts = msg.topic.split("/")
         kind = "/".join(parts[5:]) if len(parts) > 5 else parts[-1]
         with self._lock:
-            self.messages.append(Received(msg.topic, kind, payload, bool(msg.retain), time.monotonic()))
+            self.messages.append(Received(msg.topic, kind, payload, bool(msg.retain), time.monotonic(),
+                                          len(msg.payload)))
 
     def of(self, kind: str, station: str | None = None) -> list[Received]:
         with self._lock:
@@ -84,6 +89,24 @@ class Subscriber:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def prefix(station: str) -> str:
+    """The topic prefix of a station made by station_settings."""
+    return f"inspection/{SITE}/{LINE}/{station}"
+
+
+def rejections(sub: Subscriber, station: str | None = None) -> list[EventPayload]:
+    """The `command_rejected` events the subscriber saw, in arrival order."""
+    events = [EventPayload.model_validate(m.payload) for m in sub.of("event", station)]
+    return [e for e in events if e.kind == "command_rejected"]
+
+
+def mosquitto_pub(port: int, topic: str, *args: str) -> None:
+    """The real `mosquitto_pub` CLI (mosquitto-clients), as an operator would run it; raises if it fails."""
+    tool = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
+    subprocess.run([tool, "-h", "127.0.0.1", "-p", str(port), "-t", topic, *args], check=True,
+                   capture_output=True, timeout=10)
 
 
 def write_frames(folder: Path, n: int) -> Path:

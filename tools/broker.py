@@ -66,6 +66,8 @@ class MosquittoBroker:
     persistence: bool = False
     # A complete configuration to use instead of the generated one (it must listen on `port`).
     config: str | None = None
+    # Lines appended to the generated configuration, e.g. ["max_packet_size 100000"].
+    extra: list[str] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,6 +96,7 @@ class MosquittoBroker:
             "max_queued_messages 100000",
             # Started as root, mosquitto switches to the `mosquitto` user and then cannot read a test's files.
             f"user {getpass.getuser()}",
+            *self.extra,
         ]
         return "\n".join(lines) + "\n"
 

@@ -5,16 +5,28 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from appliance.errors import ApplianceError
+from appliance.images import DEFAULT_MAX_PIXELS
+from training.datasets import bit_depth_option, max_pixels_option
+
+if TYPE_CHECKING:
+    from training.trainer import TrainConfig
 
 EPILOG = """\
 datasets:
   --dataset folder --data DIR   your parts: DIR/ok/*.png and DIR/defect/*.png (jpg, bmp, tif too)
   --dataset elpv                ELPV solar cells (pip install -e '.[bench]'), the benchmark protocol
   --dataset synthetic           rendered machined parts, for demos and tests
+
+reading image files (as the station reads its camera's frames):
+  --bit-depth 12                a Mono12 camera's frames saved as 16-bit PNG/TIFF (values 0..4095); use the
+                                station's camera.bit_depth (default auto: 8-bit files as 8-bit, 16-bit files
+                                as full 16-bit data). --dataset folder only: ELPV and synthetic are 8-bit.
+  --max-pixels N                refuse larger images before decoding, as camera.max_pixels does
 
 The run directory gets checkpoints (last.pt, best.pt), final.pt for `python -m export`, split.json
 (the held-out image names) and report/ (report.md, report.json, ROC, confusion matrix, histogram).
@@ -33,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", choices=["folder", "elpv", "synthetic"], default="folder")
     p.add_argument("--data", type=Path, help="dataset folder holding ok/ and defect/ (dataset folder)")
+    p.add_argument("--bit-depth", type=bit_depth_option, default="auto", metavar="{auto,8,10,12,14,16}",
+                   help="bits per pixel of the dataset's images, as the station's camera.bit_depth: a Mono10 or "
+                   "Mono12 camera's frames (16-bit PNG/TIFF holding 0..1023 or 0..4095) must be trained with the "
+                   "bit depth the station's camera.bit_depth declares (10 or 12), or the model learns from "
+                   "images the station never shows it; auto (default) takes 8-bit files as 8-bit and 16-bit "
+                   "files as full 16-bit data. --dataset folder only: the elpv and synthetic datasets are 8-bit "
+                   "already")
+    p.add_argument("--max-pixels", type=max_pixels_option, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="largest image accepted, width x height read from the file header before decoding, as "
+                   f"the station's camera.max_pixels (default {DEFAULT_MAX_PIXELS}); a larger file stops "
+                   "training with its name. Synthetic parts are rendered, not read")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (default runs/latest)")
     p.add_argument("--backbone", default="efficientnet_lite0",
                    choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_b0"],
@@ -83,11 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig a parsed command line asks for; pydantic's ValidationError when a value is out of range."""
     from training.augment import AugmentConfig, RotationConfig, mild_profile
     from training.model import PRETRAINED_BACKBONES
-    from training.trainer import TrainConfig, evaluate_run, train
+    from training.trainer import TrainConfig
+
+    augment_cfg = {
+        "production": AugmentConfig(rotation=RotationConfig(max_rotation_deg=args.max_rotation)),
+        "mild": mild_profile(min(args.max_rotation, 5.0)),
+        "none": None,
+    }[args.augment]
+    return TrainConfig(
+        dataset=args.dataset, data_dir=args.data, out_dir=args.out, backbone=args.backbone,
+        pretrained=not args.no_pretrained and args.backbone in PRETRAINED_BACKBONES, weights=args.weights,
+        init_from=args.init_from, ema_decay=args.ema, precision=args.precision,
+        color=args.color, input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, balance=args.balance, soft_labels=args.soft_labels,
+        target_recall=args.target_recall, patience=args.patience, seed=args.seed,
+        synthetic_ok=args.synthetic_ok, synthetic_defect=args.synthetic_defect,
+        synthetic_severity=args.synthetic_severity, bit_depth=args.bit_depth, max_pixels=args.max_pixels,
+        max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers, device=args.device,
+        augment=augment_cfg,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from training.trainer import evaluate_run, train
 
     if args.evaluate_only:
         try:
@@ -99,24 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        augment_cfg = {
-            "production": AugmentConfig(rotation=RotationConfig(max_rotation_deg=args.max_rotation)),
-            "mild": mild_profile(min(args.max_rotation, 5.0)),
-            "none": None,
-        }[args.augment]
-        cfg = TrainConfig(
-            dataset=args.dataset, data_dir=args.data, out_dir=args.out, backbone=args.backbone,
-            pretrained=not args.no_pretrained and args.backbone in PRETRAINED_BACKBONES, weights=args.weights,
-            init_from=args.init_from, ema_decay=args.ema, precision=args.precision,
-            color=args.color, input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, weight_decay=args.weight_decay, balance=args.balance, soft_labels=args.soft_labels,
-            target_recall=args.target_recall, patience=args.patience, seed=args.seed,
-            synthetic_ok=args.synthetic_ok, synthetic_defect=args.synthetic_defect,
-            synthetic_severity=args.synthetic_severity,
-            max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers, device=args.device,
-            augment=augment_cfg,
-        )
-        run = train(cfg, resume=args.resume, progress=not args.quiet)
+        run = train(config_from_args(args), resume=args.resume, progress=not args.quiet)
     except ValidationError as exc:
         for e in exc.errors():
             print(f"error: {'.'.join(str(x) for x in e['loc'])} = {e.get('input')!r}: {e['msg']}", file=sys.stderr)

@@ -24,7 +24,8 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.errors import ApplianceError, ConfigError, DatasetError
-from appliance.images import list_images, read_image
+from appliance.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, BitDepth, list_images, read_image
+from training.datasets import bit_depth_option, max_pixels_option
 
 # In application order, which follows the physics: the part lies on the belt (flip, rotation), the belt
 # is dirty, the hall lights it, the camera shakes during the exposure, the sensor adds noise.
@@ -433,7 +434,8 @@ def preview_grid(images: list[np.ndarray], cfg: AugmentConfig, path: Path, seed:
     return path
 
 
-def _preview_images(folder: Path | None, count: int, seed: int) -> list[np.ndarray]:
+def _preview_images(folder: Path | None, count: int, seed: int, bit_depth: BitDepth = DEFAULT_BIT_DEPTH,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
     if folder is None:
         from training.synthetic import DEFECT_KINDS, render_part
 
@@ -451,7 +453,7 @@ def _preview_images(folder: Path | None, count: int, seed: int) -> list[np.ndarr
         raise DatasetError(f"image folder {folder} holds no images (.png, .jpg, .bmp, .tif, .webp)")
     images = []
     for f in files:
-        img = read_image(f)
+        img = read_image(f, bit_depth, max_pixels)
         if img.ndim == 3 and img.shape[2] == 4:
             img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
         images.append(img)
@@ -482,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         help="folder of sample images (default: synthetic parts with defects)",
     )
     parser.add_argument("--count", type=int, default=4, help="how many images (grid rows), default 4")
+    parser.add_argument("--bit-depth", type=bit_depth_option, default="auto", metavar="{auto,8,10,12,14,16}",
+                        help="bits per pixel of the --images files, as the station's camera.bit_depth and "
+                        "python -m training --bit-depth: 12 for a Mono12 camera's frames saved as 16-bit "
+                        "PNG/TIFF (values 0..4095); auto (default) takes 16-bit files as full 16-bit data")
+    parser.add_argument("--max-pixels", type=max_pixels_option, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="largest --images file accepted, width x height from its header, as the "
+                        f"station's camera.max_pixels (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument(
         "--max-rotation",
         type=float,
@@ -497,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = AugmentConfig()
         if args.max_rotation is not None:
             cfg = AugmentConfig(rotation={"max_rotation_deg": args.max_rotation})
-        path = preview_grid(_preview_images(args.images, args.count, args.seed), cfg, args.out, args.seed)
+        images = _preview_images(args.images, args.count, args.seed, args.bit_depth, args.max_pixels)
+        path = preview_grid(images, cfg, args.out, args.seed)
     except ValidationError as exc:
         print(_format_validation(exc), file=sys.stderr)
         return ConfigError.exit_code

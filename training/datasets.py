@@ -7,16 +7,25 @@ augmentation and the network.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from appliance.errors import DatasetError
-from appliance.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, BitDepth, list_images, read_image
+from appliance.images import (
+    BIT_DEPTHS,
+    DEFAULT_BIT_DEPTH,
+    DEFAULT_MAX_PIXELS,
+    BitDepth,
+    list_images,
+    read_image,
+)
 
 OK_DIR, DEFECT_DIR = "ok", "defect"
 
@@ -73,6 +82,25 @@ def load_folder(
     return samples
 
 
+def bit_depth_option(text: str) -> BitDepth:
+    """`--bit-depth` of training's command lines: "auto" or 8, 10, 12, 14, 16, as camera.bit_depth."""
+    value: str | int = int(text) if text.strip().isdigit() else text.strip()
+    if value not in BIT_DEPTHS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, BIT_DEPTHS))}")
+    return cast(BitDepth, value)
+
+
+def max_pixels_option(text: str) -> int:
+    """`--max-pixels` of training's command lines: a positive whole number (1_000_000 allowed)."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def elpv_package_dir() -> Path:
     """The data folder of the installed `elpv-dataset` package (labels.csv + images/)."""
     try:
@@ -82,12 +110,13 @@ def elpv_package_dir() -> Path:
     return Path(elpv_dataset.__file__).parent / "data"
 
 
-def load_elpv(root: str | Path | None = None) -> list[Sample]:
+def load_elpv(root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Sample]:
     """ELPV solar cells: defective when the annotated probability is >= 0.5.
 
     `root` is a folder in the package's layout (labels.csv: `path probability type` per line, images
     beside it); default: the installed PyPI package `elpv-dataset`. Sample names drop the file suffix,
     so a re-encoded copy (e.g. JPEG, to fit a GPU machine's transfer limit) splits identically.
+    Its files are 8-bit, so they are read with the default bit depth; `max_pixels` as for `load_folder`.
     Licence CC BY-NC-SA 4.0: used to measure; neither the data nor models trained on it are shipped.
     """
     root = Path(root) if root is not None else elpv_package_dir()
@@ -104,7 +133,8 @@ def load_elpv(root: str | Path | None = None) -> list[Sample]:
         except ValueError as exc:
             raise DatasetError(f"{labels}:{lineno}: expected `path probability type`, got {line!r}") from exc
         samples.append(Sample(
-            name=Path(rel).with_suffix("").as_posix(), image=read_image(root / rel), label=int(p >= 0.5),
+            name=Path(rel).with_suffix("").as_posix(), image=read_image(root / rel, max_pixels=max_pixels),
+            label=int(p >= 0.5),
             group=module_type, fine_label=round(p * 3),  # 0, 1/3, 2/3, 1 -> levels 0..3
         ))
     if not samples:

@@ -25,12 +25,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from appliance.bundle import CLASS_NAMES
 from appliance.errors import CheckpointError, DatasetError
+from appliance.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, BitDepth
 from appliance.preprocess import PreprocessSpec, preprocess
 from training.augment import AugmentConfig, augment
 from training.datasets import (
@@ -57,6 +58,12 @@ class TrainConfig(BaseModel):
     synthetic_ok: int = Field(160, ge=4)
     synthetic_defect: int = Field(80, ge=4)
     synthetic_severity: float = Field(1.0, gt=0, le=5)
+    # How image files are read, as the station reads its camera (read_image with camera.bit_depth and
+    # camera.max_pixels): a Mono12 camera's frames saved as 16-bit files need 12, where "auto" takes them as
+    # 16-bit data, almost black. Only the folder dataset holds camera data; ELPV's files and the synthetic
+    # parts are 8-bit. Runs saved before these fields existed were read with the defaults.
+    bit_depth: BitDepth = DEFAULT_BIT_DEPTH
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     out_dir: Path = Path("runs/latest")
     backbone: Backbone = "efficientnet_lite0"
     pretrained: bool = True
@@ -96,6 +103,16 @@ class TrainConfig(BaseModel):
     # None: no augmentation (the preprocessing alone).
     augment: AugmentConfig | None = AugmentConfig()
 
+    @field_validator("bit_depth")
+    @classmethod
+    def _bit_depth_needs_camera_data(cls, value: BitDepth, info: ValidationInfo) -> BitDepth:
+        dataset = info.data.get("dataset", "folder")
+        if value not in ("auto", 8) and dataset != "folder":
+            raise ValueError(
+                f"bit depth {value} applies to --dataset folder only; the {dataset} dataset's images are 8-bit"
+            )
+        return value
+
     def preprocess_spec(self) -> PreprocessSpec:
         channels = 1 if self.color == "gray" else 3
         # [-1, 1] scaling: what the pretrained Lite0 weights expect, and harmless from scratch.
@@ -106,7 +123,7 @@ class TrainConfig(BaseModel):
 
 
 # Fields that change the network or its input: resuming across a change would be meaningless.
-_ARCHITECTURE_KEYS = ("backbone", "color", "input_size", "resize")
+_ARCHITECTURE_KEYS = ("backbone", "color", "input_size", "resize", "bit_depth")
 # Fields that change the shapes of the weights: starting a new run from old weights needs only these to
 # match (the convolutions do not depend on the image size, so a model can be fine-tuned at a larger one).
 _WEIGHT_SHAPE_KEYS = ("backbone", "color")
@@ -116,9 +133,9 @@ def load_samples(cfg: TrainConfig) -> list[Sample]:
     if cfg.dataset == "folder":
         if cfg.data_dir is None:
             raise DatasetError("dataset 'folder' needs a data directory", hint="pass --data DIR")
-        return load_folder(cfg.data_dir)
+        return load_folder(cfg.data_dir, bit_depth=cfg.bit_depth, max_pixels=cfg.max_pixels)
     if cfg.dataset == "elpv":
-        return load_elpv(cfg.data_dir)
+        return load_elpv(cfg.data_dir, max_pixels=cfg.max_pixels)
     return load_synthetic(cfg.synthetic_ok, cfg.synthetic_defect, seed=cfg.seed, severity=cfg.synthetic_severity)
 
 
@@ -249,9 +266,11 @@ def load_checkpoint(path: Path) -> dict:
 
 def _check_architecture(ckpt: dict, cfg: TrainConfig, path: Path, hint: str,
                         keys: Sequence[str] = _ARCHITECTURE_KEYS) -> None:
-    changed = [k for k in keys if ckpt["config"].get(k) != cfg.model_dump(mode="json")[k]]
+    # A checkpoint from before a field existed was trained with that field's default.
+    saved = {k: ckpt["config"].get(k, TrainConfig.model_fields[k].default) for k in keys}
+    changed = [k for k in keys if saved[k] != cfg.model_dump(mode="json")[k]]
     if changed:
-        was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in changed)
+        was = ", ".join(f"{k}={saved[k]!r}" for k in changed)
         raise CheckpointError(f"checkpoint {path} was trained with different {', '.join(changed)} ({was})", hint=hint)
 
 
@@ -461,6 +480,9 @@ def finish(cfg: TrainConfig, model: nn.Module, splits: dict[str, list[Sample]], 
     training_info = {
         "dataset": cfg.dataset, "data_dir": str(cfg.data_dir) if cfg.data_dir else None,
         "images": len(samples), "no_defect": n_ok, "defect": n_defect,
+        # How the images were read (camera.bit_depth, camera.max_pixels): the bundle carries this dict to the
+        # station, which can compare it with its own camera settings.
+        "bit_depth": cfg.bit_depth, "max_pixels": cfg.max_pixels,
         "fingerprint_sha256": fingerprint(samples), "split_sizes": {k: len(v) for k, v in splits.items()},
         "seed": cfg.seed, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
         "best_val_auc": state["best_auc"], "wall_time_s": round(seconds, 1), "device": str(device),

@@ -569,3 +569,36 @@ def test_continuous_part_ids_are_unique_across_restarts_and_carry_the_run_number
     assert all(parsed), part_ids
     assert [int(m.group(1)) for m in parsed] == [0, 0, 0, 1, 1, 1]
     assert [int(m.group(2)) for m in parsed] == [1, 2, 3, 1, 2, 3]
+
+
+def test_a_message_the_broker_refuses_three_times_goes_to_dead_letters_and_the_rest_flows(
+        tmp_path: Path, bundle_dir: Path):
+    from tools.broker import write_password_file
+
+    # Given a broker whose ACL lets user st-other write only under st-other's prefix, and a station logged in
+    # as st-other but named st-spoof: the broker refuses every one of its messages (MQTT 5 PUBACK 0x87)
+    acl = Path(__file__).resolve().parents[1] / "provisioning" / "mosquitto" / "acl.conf"
+    passwords = write_password_file(tmp_path / "passwd", {"st-other": "other", "dashboard": "view"})
+    broker = MosquittoBroker(tmp_path / "sbroker", password_file=passwords, acl_file=acl).start()
+    settings = station_settings(tmp_path, bundle_dir, broker.port, station_id="st-spoof",
+                                mqtt={"username": "st-other", "password": "other", "heartbeat_s": 3600})
+    station = start_station(settings)
+    data_dir = settings.storage.data_dir
+    try:
+        station.pipeline.trigger("REFUSED-1")
+        assert wait_until(lambda: station.mqtt.link.state().held >= 1, 10)
+        # When the station reconnects twice more (each connection retries what was refused on the last one)
+        for _ in range(2):
+            connections = station.mqtt.link.state().connections
+            broker.restart()
+            assert wait_until(lambda n=connections: station.mqtt.link.state().connections > n, 20)
+        # Then after the third refusal the messages are moved aside with the reason, and nothing is left pending
+        assert wait_until(lambda: station.outbox.depth() == 0 and station.mqtt.link.state().dead_letters >= 2, 20), (
+            station.mqtt.link.state(), station.outbox.depth())
+        rows = _dead_letters(data_dir)
+        assert "result" in {kind for kind, _, _ in rows}
+        assert all(reason.startswith("refused 3 times: Not authorized") for _, reason, _ in rows), rows
+        assert station.mqtt.link.state().connected
+    finally:
+        stop_station(station, drain_s=0)
+        broker.stop()

@@ -4,8 +4,9 @@ Two measurements, both with QoS 1, the outbox and the results log exactly as the
 (SQLite WAL, synchronous=FULL: a committed row survives a power cut), and a control-room subscriber at
 QoS 1 counting what arrives:
 
-- sustained: the decide thread's reporter call (`MqttReporter.inspection`: results log row, outbox row,
-  wake the link) for N results as fast as it goes; results per second from the first call until the
+- sustained: the decide thread's reporter call (`MqttReporter.inspection`: hand the record to the results
+  log's writer and the result message to the outbox's writer; each writer thread commits in batches and
+  the link publishes) for N results as fast as it goes; results per second from the first call until the
   subscriber holds all N and the outbox is empty; and the time one call takes (what inspection waits).
 - drain: an outbox holding M results left by an outage; the time from starting the link (broker up,
   subscriber connected) until the broker has acknowledged all M, and the subscriber has them.

@@ -46,7 +46,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 _MAX_BYTES_PER_PIXEL = 8
 _METADATA_ALLOWANCE = 16 * 1024 * 1024
 _BIT_DEPTH_HINT = (
-    "set camera.bit_depth (appliance classify: --bit-depth) to the camera's pixel format: Mono8 -> 8, "
+    "set camera.bit_depth (appliance classify and python -m training: --bit-depth) to the camera's pixel "
+    "format: Mono8 -> 8, "
     'Mono10 -> 10, Mono12 -> 12, Mono16 or MSB-aligned data -> 16 or "auto"'
 )
 
@@ -280,7 +281,7 @@ def _looks_truncated(data: bytes, fmt: str) -> bool:
 
 def _size_hint(max_pixels: int) -> str:
     return (f"if the camera really delivers images this large, raise camera.max_pixels (now {max_pixels}; "
-            "appliance classify: --max-pixels)")
+            "appliance classify and python -m training: --max-pixels)")
 
 
 def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -157,26 +157,9 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     return engines_main(args.engine_args)
 
 
-def _bit_depth(text: str) -> str | int:
-    from appliance.images import BIT_DEPTHS
-
-    value: str | int = int(text) if text.strip().isdigit() else text.strip()
-    if value not in BIT_DEPTHS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, BIT_DEPTHS))}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from appliance.images import bit_depth_option, max_pixels_option
+
     parser = argparse.ArgumentParser(
         prog="appliance", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -233,12 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
     p.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"), help="model bundle directory")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    p.add_argument("--bit-depth", type=_bit_depth, default="auto", metavar="{auto,8,10,12,14,16}",
+    p.add_argument("--bit-depth", type=bit_depth_option, default="auto", metavar="{auto,8,10,12,14,16}",
                    help="bits per pixel of the images' data, as camera.bit_depth: 12 for Mono12 frames saved "
                    "as 16-bit PNG/TIFF (values 0..4095); auto (default) takes 8-bit files as 8-bit and "
                    "16-bit files as full 16-bit data")
     # The default is camera.max_pixels's, resolved when classify runs: appliance.images loads OpenCV.
-    p.add_argument("--max-pixels", type=_positive_int, default=None,
+    p.add_argument("--max-pixels", type=max_pixels_option, default=None,
                    help="largest image accepted, width x height read from the file header before decoding, "
                    "as camera.max_pixels (default 50000000)")
     p.set_defaults(func=_cmd_classify)

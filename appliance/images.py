@@ -15,11 +15,12 @@ the same way wherever it is read:
 
 from __future__ import annotations
 
+import argparse
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 # OpenCV's own limit on decoded pixels (default 2**30), read once when cv2 is imported, so it only takes
 # effect when this module is the first to import cv2. It is a second line behind `check_pixels`, which works
@@ -50,6 +51,29 @@ _BIT_DEPTH_HINT = (
     "format: Mono8 -> 8, "
     'Mono10 -> 10, Mono12 -> 12, Mono16 or MSB-aligned data -> 16 or "auto"'
 )
+
+
+# --- command-line values (appliance classify, python -m training, training.augment) ---------------------------
+
+
+def bit_depth_option(text: str) -> BitDepth:
+    """`--bit-depth` of the command lines: "auto" or 8, 10, 12, 14, 16, as camera.bit_depth."""
+    value: str | int = int(text) if text.strip().isdigit() else text.strip()
+    if value not in BIT_DEPTHS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, BIT_DEPTHS))}")
+    return cast(BitDepth, value)
+
+
+def max_pixels_option(text: str) -> int:
+    """`--max-pixels` of the command lines: a positive whole number (1_000_000 allowed)."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
 
 
 # --- bit depth ------------------------------------------------------------------------------------------------

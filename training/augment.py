@@ -24,8 +24,15 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.errors import ApplianceError, ConfigError, DatasetError
-from appliance.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, BitDepth, list_images, read_image
-from training.datasets import bit_depth_option, max_pixels_option
+from appliance.images import (
+    DEFAULT_BIT_DEPTH,
+    DEFAULT_MAX_PIXELS,
+    BitDepth,
+    bit_depth_option,
+    list_images,
+    max_pixels_option,
+    read_image,
+)
 
 # In application order, which follows the physics: the part lies on the belt (flip, rotation), the belt
 # is dirty, the hall lights it, the camera shakes during the exposure, the sensor adds noise.

@@ -7,19 +7,16 @@ augmentation and the network.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
 from appliance.errors import DatasetError
 from appliance.images import (
-    BIT_DEPTHS,
     DEFAULT_BIT_DEPTH,
     DEFAULT_MAX_PIXELS,
     BitDepth,
@@ -80,25 +77,6 @@ def load_folder(
             for f in files
         ]
     return samples
-
-
-def bit_depth_option(text: str) -> BitDepth:
-    """`--bit-depth` of training's command lines: "auto" or 8, 10, 12, 14, 16, as camera.bit_depth."""
-    value: str | int = int(text) if text.strip().isdigit() else text.strip()
-    if value not in BIT_DEPTHS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, BIT_DEPTHS))}")
-    return cast(BitDepth, value)
-
-
-def max_pixels_option(text: str) -> int:
-    """`--max-pixels` of training's command lines: a positive whole number (1_000_000 allowed)."""
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
 
 
 def elpv_package_dir() -> Path:

@@ -221,7 +221,7 @@ class StoreWriter(Generic[T]):
             log.exception("%s: reading the store's recovery notes failed", self.store)
             return
         for note in notes:
-            self._emit("storage_repaired", note)
+            self._emit("storage_repaired", {**note, "store": self.store})  # the same store key as storage_fault
 
     def _emit(self, kind: str, detail: dict[str, Any]) -> None:
         if self._on_event is None:

@@ -80,6 +80,7 @@ class LogReporter:
         # Where storage events go: this reporter's event(), or the MQTT reporter's that wraps it.
         self.event_sink = self.event
         self.unrecorded = 0  # parts and events no store could take (backlog full): in the process log only
+        self._unrecorded_lock = threading.Lock()  # refused() comes from the decide, writer and monitor threads
         self._pipeline: Pipeline | None = None
 
     def attach(self, pipeline: Pipeline) -> None:
@@ -129,7 +130,8 @@ class LogReporter:
 
     def refused(self, store: str, what: str, data: dict[str, Any]) -> None:
         """A full backlog refused an item: the process log (journald) is its last record."""
-        self.unrecorded += 1
+        with self._unrecorded_lock:
+            self.unrecorded += 1
         log.error("UNRECORDED %s (the %s backlog is full, storage.pending_max): %s", what, store,
                   json.dumps(data, default=str))
 

@@ -322,7 +322,7 @@ def test_store_files_deleted_under_the_running_station_are_rebuilt_with_everythi
         assert control_room.wait_for(lambda: set(_parts_received(control_room)) == set(expected), 30)
         assert wait_until(lambda: _logged_parts(data / "results.sqlite3") == expected, 10)
         repaired = _events(control_room, "storage_repaired")
-        assert {r["store"] for r in repaired} == {"results log", "MQTT outbox"}
+        assert {r["store"] for r in repaired} == {"results_log", "outbox"}
         assert all("deleted" in r["message"] for r in repaired)
     finally:
         stop_station(station)

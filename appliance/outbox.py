@@ -108,7 +108,8 @@ class Outbox(SqliteStore):
         self._shed: Counter[str] = Counter()
         self._max_id = 0  # the largest id handed out by this process
         self._dead = 0
-        super().__init__(path, _SCHEMA, SCHEMA_VERSION, "MQTT outbox", synchronous, open_now=open_now)
+        super().__init__(path, _SCHEMA, SCHEMA_VERSION, "MQTT outbox", synchronous, open_now=open_now,
+                         tables=("meta", "outbox"))
 
     def _opened(self, db: sqlite3.Connection) -> None:
         # A new file (the old one corrupt or gone) must not hand out ids that are still in flight or
@@ -232,7 +233,9 @@ class Outbox(SqliteStore):
             return len(self._in_flight)
 
     def oldest_age_s(self) -> float | None:
-        """Age of the oldest stored message in seconds; None when empty or unreadable."""
+        """Age of the oldest stored message in seconds; None when empty, closed (faulted) or unreadable."""
+        if not self.is_open:
+            return None  # a heartbeat must not wait for an open attempt on a faulted store
         try:
             with self.reading() as db:
                 (oldest,) = db.execute("SELECT MIN(created_at) FROM outbox").fetchone()

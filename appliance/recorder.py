@@ -59,7 +59,9 @@ class StoreWriter(Generic[T]):
     """One store's backlog and writer thread. `submit()` from any thread; `flush()` / `close()` at the end.
 
     `write(items)` must write all of `items` in one transaction or raise; `notes()` returns the store's
-    recovery notes (SqliteStore.take_notes). The thread starts on the first `submit()`.
+    recovery notes (SqliteStore.take_notes). The thread starts on the first `submit()`. `initial_error`: the
+    store could not be opened, so the writer starts faulted (heartbeats say so before the first write
+    fails). `dump(item)` is the text the process log gets for an item left unwritten at the stop.
     """
 
     def __init__(
@@ -74,6 +76,8 @@ class StoreWriter(Generic[T]):
         on_failure: FailureSink | None = None,
         retry_initial_s: float = RETRY_INITIAL_S,
         retry_max_s: float = RETRY_MAX_S,
+        initial_error: str | None = None,
+        dump: Callable[[T], str] = repr,
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
@@ -90,8 +94,10 @@ class StoreWriter(Generic[T]):
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._fault_error: str | None = None
-        self._fault_since = 0.0
+        self._dump = dump
+        self._fault_error: str | None = initial_error
+        self._fault_since = time.time() if initial_error else 0.0
+        self._announced = False  # storage_fault sent for the current fault
         self._saturated = False
         self.written = 0
         self.refused = 0
@@ -142,16 +148,21 @@ class StoreWriter(Generic[T]):
 
     def close(self, timeout: float = 10.0) -> bool:
         """Flush for up to `timeout`, then stop the thread. True when nothing was left unwritten."""
+        deadline = time.monotonic() + timeout
         drained = self.flush(timeout)
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=max(1.0, timeout))
-        left = self.pending
+            # A write in progress may wait out SQLite's busy timeout; what it does not finish is logged below.
+            self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        with self._cond:
+            left = list(self._items)
         if left:
-            log.error("%s %s: %d item(s) could not be written before the stop and are lost: %s", self.store,
-                      self.path, left, self._fault_error)
+            log.error("%s %s: %d item(s) could not be written before the stop (%s); each follows as an UNRECORDED "
+                      "line, their last record", self.store, self.path, len(left), self._fault_error)
+            for item in left:
+                log.error("UNRECORDED at stop (%s): %s", self.store, self._dump(item))
         return drained and not left
 
     # --- the writer thread ---------------------------------------------------------------------------------------
@@ -182,9 +193,10 @@ class StoreWriter(Generic[T]):
                 for _ in batch:
                     self._items.popleft()
                 self.written += len(batch)
-                recovered = self._fault_error is not None
+                recovered = self._announced
                 down_s = time.time() - self._fault_since
                 self._fault_error = None
+                self._announced = False
                 self._saturated = False
                 left = len(self._items)
                 self._cond.notify_all()
@@ -198,9 +210,10 @@ class StoreWriter(Generic[T]):
     def _write_failed(self, exc: Exception) -> None:
         error = describe(exc)
         with self._cond:
-            started = self._fault_error is None
-            if started:
+            if self._fault_error is None:
                 self._fault_since = time.time()
+            started = not self._announced
+            self._announced = True
             changed = error != self._fault_error
             self._fault_error = error
             pending = len(self._items)

@@ -75,7 +75,8 @@ class LogReporter:
         self.failures = FailureLatch()
         self.writer: StoreWriter[InspectionRecord | LoggedEvent] = StoreWriter(
             "results_log", results.path, results.write_many, max_pending=max_pending,
-            on_event=self.storage_event, notes=results.take_notes, on_failure=self.failures)
+            on_event=self.storage_event, notes=results.take_notes, on_failure=self.failures,
+            initial_error=results.open_error, dump=_dump_logged)
         self.writers: list[StoreWriter[Any]] = [self.writer]
         # Where storage events go: this reporter's event(), or the MQTT reporter's that wraps it.
         self.event_sink = self.event
@@ -89,7 +90,7 @@ class LogReporter:
 
     def inspection(self, record: InspectionRecord) -> None:
         if not self.writer.submit(record):
-            self.refused("results log", "inspection", record.to_dict())
+            self.refused("results log", _dump_logged(record))
         self.update_failsafe()
         if self.echo:
             score = "-" if record.score is None else f"{record.score:.4f}"
@@ -99,8 +100,9 @@ class LogReporter:
                      record.latency_ms.get("end_to_end_ms", float("nan")), record.reason)
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:
-        if not self.writer.submit(LoggedEvent(time.time(), kind, detail)):
-            self.refused("results log", "event", {"kind": kind, "detail": detail})
+        item = LoggedEvent(time.time(), kind, detail)
+        if not self.writer.submit(item):
+            self.refused("results log", _dump_logged(item))
         self.update_failsafe()
 
     def flush(self, timeout: float) -> bool:
@@ -128,12 +130,11 @@ class LogReporter:
                 return f"{f.store} {f.path} cannot be written: {f.error} ({f.pending} waiting in memory)"
         return None
 
-    def refused(self, store: str, what: str, data: dict[str, Any]) -> None:
+    def refused(self, store: str, text: str) -> None:
         """A full backlog refused an item: the process log (journald) is its last record."""
         with self._unrecorded_lock:
             self.unrecorded += 1
-        log.error("UNRECORDED %s (the %s backlog is full, storage.pending_max): %s", what, store,
-                  json.dumps(data, default=str))
+        log.error("UNRECORDED (the %s backlog is full, storage.pending_max): %s", store, text)
 
     def storage_event(self, kind: str, detail: dict[str, Any]) -> None:
         self.event_sink(kind, detail)
@@ -152,6 +153,12 @@ class LogReporter:
                           "the limit (storage.pending_max)")
                 break
         pipeline.set_fallback("storage", reason)
+
+
+def _dump_logged(item: InspectionRecord | LoggedEvent) -> str:
+    if isinstance(item, InspectionRecord):
+        return json.dumps({"inspection": item.to_dict()}, default=str)
+    return json.dumps({"event": {"at": item.at, "kind": item.kind, "detail": item.detail}}, default=str)
 
 
 def config_hash(settings_json: str) -> str:
@@ -186,7 +193,8 @@ class MqttReporter:
         self.link = MqttLink(link_config, outbox, self._birth, self.on_command, on_failure=self.failures)
         self.spool: StoreWriter[tuple[NewMessage, ...]] = StoreWriter(
             "outbox", outbox.path, self._write_outbox, max_pending=max_pending, on_event=local.storage_event,
-            notes=outbox.take_notes, on_failure=self.failures)
+            notes=outbox.take_notes, on_failure=self.failures, initial_error=outbox.open_error,
+            dump=lambda messages: json.dumps([m.payload for m in messages]))
         local.writers.append(self.spool)
         local.event_sink = self.event
         self._config_fingerprint = config_fingerprint
@@ -271,10 +279,11 @@ class MqttReporter:
     # --- commands (link thread) ------------------------------------------------------------------------------
     def on_command(self, kind: str, payload: bytes, retained: bool) -> None:
         message_id = None
-        if not payload.strip() and (retained or kind != "cmd/rebirth"):
-            # An empty message is how MQTT clears a retained one (it arrives retained: the subscription is Retain
-            # As Published); it carries no command to refuse. An empty non-retained rebirth is a rebirth.
-            log.info("empty %r message ignored (a retained command being cleared)", kind[:64])
+        if not payload.strip() and retained:
+            # An empty retained message is how MQTT clears a retained one (it arrives retained: the subscription
+            # is Retain As Published); it carries no command to refuse. An empty live message is a command like
+            # any other: a rebirth, or a trigger or mode missing its field (rejected below).
+            log.info("empty retained %r message ignored (a retained command being cleared)", kind[:64])
             return
         try:
             if retained:
@@ -424,7 +433,7 @@ class MqttReporter:
 
     def _spool(self, messages: tuple[NewMessage, ...], what: str) -> None:
         if not self.spool.submit(messages):
-            self.local.refused("outbox", what, {"messages": [m.payload for m in messages]})
+            self.local.refused("outbox", json.dumps({what: [m.payload for m in messages]}))
         self.local.update_failsafe()
 
     def _write_outbox(self, batch: list[tuple[NewMessage, ...]]) -> None:

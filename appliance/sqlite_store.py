@@ -39,7 +39,7 @@ log = logging.getLogger("appliance.storage")
 # How long a write waits for another process's lock before it fails (and the writer retries later). Short:
 # the station's writers run on their own threads with a memory backlog, so a lock held by a backup tool
 # shows up as a fault within seconds instead of a silent stall.
-BUSY_TIMEOUT_S = 2.0
+BUSY_TIMEOUT_S = 1.0
 _CORRUPT = ("file is not a database", "database disk image is malformed", "malformed database schema")
 _CORRUPT_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 
@@ -60,6 +60,10 @@ def describe(exc: BaseException) -> str:
     return f"{name}: {exc}"
 
 
+class _ForeignFile(sqlite3.DatabaseError):
+    """A valid SQLite file at the store's path that is not this store (its tables are missing)."""
+
+
 def _utc_stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
@@ -74,9 +78,11 @@ class SqliteStore:
     """
 
     def __init__(self, path: Path, schema: str, schema_version: int, what: str, synchronous: str = "FULL",
-                 open_now: bool = True) -> None:
+                 open_now: bool = True, tables: tuple[str, ...] = ("meta",)) -> None:
         self.path = path
         self.what = what
+        self._tables = tables  # a file without these tables, but with others, is not ours
+        self.open_error: str | None = None  # why the store is closed, while it is
         self._schema = schema
         self._schema_version = schema_version
         self._synchronous = synchronous
@@ -92,7 +98,8 @@ class SqliteStore:
         except (sqlite3.Error, OSError) as exc:
             if open_now:
                 raise
-            log.error("%s %s cannot be opened now (%s); retrying on every write", what, path, describe(exc))
+            self.open_error = describe(exc)
+            log.error("%s %s cannot be opened now (%s); retrying on every write", what, path, self.open_error)
 
     # --- for subclasses ---------------------------------------------------------------------------------------
     def _opened(self, db: sqlite3.Connection) -> None:
@@ -178,28 +185,48 @@ class SqliteStore:
         return self._db
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            db = self._connect()
-        except sqlite3.DatabaseError as exc:
-            if not is_corruption(exc) or not self._repair:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                db = self._connect()
+            except sqlite3.DatabaseError as exc:
+                if not (is_corruption(exc) or isinstance(exc, _ForeignFile)) or not self._repair:
+                    raise
+                why = "replaced" if isinstance(exc, _ForeignFile) else "corrupt"
+                aside = self._move_aside(why)
+                self._note(f"{why}_file_moved_aside", f"{self.what} {self.path} was {why} at open ({describe(exc)}); "
+                           f"moved to {aside.name}, a new file was started", moved_to=str(aside))
+                db = self._connect()
+            try:
+                st = os.stat(self.path)
+                self._identity = (st.st_dev, st.st_ino)
+                self._store_counters(db)
+                self._opened(db)
+            except BaseException:
+                db.close()
                 raise
-            aside = self._move_aside("corrupt")
-            self._note("corrupt_file_moved_aside", f"{self.what} {self.path} was corrupt at open ({describe(exc)}); "
-                       f"moved to {aside.name}, a new file was started", moved_to=str(aside))
-            db = self._connect()
-        try:
-            st = os.stat(self.path)
-            self._identity = (st.st_dev, st.st_ino)
-            self._opened(db)
-        except BaseException:
-            db.close()
+        except (sqlite3.Error, OSError) as exc:
+            self.open_error = describe(exc)
             raise
         self._db = db
+        self.open_error = None
+
+    def _store_counters(self, db: sqlite3.Connection) -> None:
+        """Counters handed out from memory while the file was closed are stored now, so none goes backwards."""
+        for name, value in self._counters.items():
+            key = f"counter:{name}"
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is None or int(row[0]) < value:
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         try:
+            names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if names and not set(self._tables) <= names:
+                # Another SQLite file at our path (a backup restored over it, a copy of something else): writing
+                # our tables into it would mix two databases.
+                raise _ForeignFile(f"not a {self.what}: it has tables {sorted(names)[:8]}, not {list(self._tables)}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             db.executescript(self._schema)
@@ -251,17 +278,25 @@ class SqliteStore:
         self._open()
 
     def _after_error(self, exc: BaseException) -> None:
-        if is_corruption(exc) and self._db is not None and self._repair:
-            self._discard_corrupt(describe(exc))
+        if self._db is None or not self._repair:
+            return
+        if is_corruption(exc):
+            self._discard("corrupt", describe(exc))
+        elif isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
+            # Our tables vanished under an open connection: the file was overwritten in place by another
+            # database (`cp backup.sqlite3 results.sqlite3` keeps the inode, so the identity check cannot see it).
+            self._discard("replaced", describe(exc))
 
-    def _discard_corrupt(self, why: str) -> None:
+    def _discard(self, why: str, error: str) -> None:
         if self._db is not None:
             with suppress(sqlite3.Error):
                 self._db.close()
         self._db = None
-        aside = self._move_aside("corrupt")
-        self._note("corrupt_file_moved_aside", f"{self.what} {self.path} became corrupt ({why}); moved to "
-                   f"{aside.name}, a new file is started", moved_to=str(aside))
+        aside = self._move_aside(why)
+        after = ("try `sqlite3 <file> .recover` on it" if why == "corrupt" else
+                 "it is the other database; what the store held was overwritten with it")
+        self._note(f"{why}_file_moved_aside", f"{self.what} {self.path} was found {why} ({error}); moved to "
+                   f"{aside.name} ({after}), a new file is started", moved_to=str(aside))
 
     def _move_aside(self, why: str) -> Path:
         aside = self.path.with_name(f"{self.path.name}.{why}-{_utc_stamp()}")

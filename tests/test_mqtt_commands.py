@@ -602,3 +602,41 @@ def test_a_message_the_broker_refuses_three_times_goes_to_dead_letters_and_the_r
     finally:
         stop_station(station, drain_s=0)
         broker.stop()
+
+
+def test_an_empty_command_sent_live_is_answered_and_an_empty_retained_one_clears_quietly(
+        tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker):
+    sub = Subscriber(broker.port)
+    station = start_station(station_settings(tmp_path, bundle_dir, broker.port))
+    try:
+        # Given empty live commands (mosquitto_pub -n, or only spaces), then an anchor
+        sub.publish(CMD + "trigger", b"")
+        sub.publish(CMD + "mode", b"   ")
+        sub.publish(CMD + "reboot", b"")
+        sub.publish(CMD + "mode", b"", retain=True)  # clearing a retained message: no command at all
+        _trigger_and_wait(sub, "EMPTY-ANCHOR", "anchor-1")
+        # Then each live one got exactly one answer naming what is missing, and the clearing none
+        answered = sorted((e.detail["command"], e.detail["field"]) for e in rejections(sub, STATION))
+        assert answered == [("cmd/mode", "mode"), ("cmd/reboot", "(topic)"), ("cmd/trigger", "part_id")]
+        assert station.pipeline.mode is Mode.PRODUCTION
+    finally:
+        stop_station(station)
+        sub.close()
+
+
+def test_part_ids_from_standard_input_follow_the_trigger_rule(monkeypatch: pytest.MonkeyPatch):
+    import io
+
+    from appliance.runtime import _stdin_triggers
+
+    class Triggers:
+        def __init__(self) -> None:
+            self.ids: list[str] = []
+
+        def trigger(self, part_id: str) -> None:
+            self.ids.append(part_id)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("SN-1\nbad/id\n\n" + "x" * 300 + "\nsp ace\nSN-2:a.b_c\n"))
+    got = Triggers()
+    _stdin_triggers(got)  # type: ignore[arg-type]
+    assert got.ids == ["SN-1", "SN-2:a.b_c"]

@@ -292,6 +292,9 @@ def test_a_read_only_file_system_at_start_holds_parts_until_it_is_writable(
         assert stores == {"results_log", "outbox"}
         assert all("Read-only file system" in e["error"] for e in _events(control_room, "storage_fault"))
         assert not _parts_received(control_room)  # a result is published only from the outbox
+        # From the very first heartbeat: the stores could not even be opened, and it says so.
+        first = control_room.of("health")[0].payload["storage"]
+        assert not first["ok"] and {f["store"] for f in first["faults"]} == {"results_log", "outbox"}
         subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
         assert control_room.wait_for(lambda: _parts_received(control_room) == [f"R-{i}" for i in range(5)], 30)
     finally:
@@ -470,3 +473,124 @@ def test_next_counter_never_goes_backwards_when_the_file_cannot_be_written(tmp_p
         assert reopened.next_counter("bd_seq") == first + 1  # stored again, above what was handed out
     finally:
         reopened.close()
+
+
+# --- found by trying the station as a plant engineer would -----------------------------------------------------------
+
+
+@needs_mosquitto
+def test_a_store_overwritten_in_place_by_another_database_is_moved_aside_and_recording_goes_on(
+        tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker, control_room: Subscriber):
+    # `cp backup.sqlite3 results.sqlite3` keeps the inode: the station's handle sees its tables vanish.
+    other = tmp_path / "other.sqlite3"
+    db_other = sqlite3.connect(other)
+    db_other.execute("CREATE TABLE x (y)")
+    db_other.commit()
+    db_other.close()
+    settings = station_settings(tmp_path, bundle_dir, broker.port)
+    db = settings.storage.data_dir / "results.sqlite3"
+    station = start_station(settings)
+    try:
+        _trigger(station, ["K-0", "K-1"])
+        assert wait_until(lambda: _logged_parts(db) == ["K-0", "K-1"], 10)
+        # another process checkpoints (as a backup tool does), then copies a different database over the file
+        subprocess.run([sys.executable, "-c", f"import sqlite3; sqlite3.connect({str(db)!r}).execute("
+                        "'PRAGMA wal_checkpoint(TRUNCATE)')"], check=True)
+        subprocess.run(["cp", str(other), str(db)], check=True)
+        _trigger(station, ["K-2", "K-3"])
+        assert control_room.wait_for(lambda: any(
+            e["kind"] == "replaced_file_moved_aside" for e in _events(control_room, "storage_repaired")), 20)
+        note = next(e for e in _events(control_room, "storage_repaired") if e["kind"] == "replaced_file_moved_aside")
+        assert note["store"] == "results_log" and Path(note["moved_to"]).exists()
+        assert wait_until(lambda: _logged_parts(db) == ["K-2", "K-3"], 10)  # K-0, K-1 went with the overwrite
+        assert control_room.wait_for(lambda: set(_parts_received(control_room)) >= {"K-0", "K-1", "K-2", "K-3"})
+        assert wait_until(lambda: station.local.storage_status()["ok"], 10)
+    finally:
+        stop_station(station)
+
+
+def test_another_database_at_the_store_path_at_start_is_moved_aside_not_written_into(tmp_path: Path):
+    path = tmp_path / "outbox.sqlite3"
+    foreign = sqlite3.connect(path)
+    foreign.execute("CREATE TABLE parts (serial TEXT)")
+    foreign.execute("INSERT INTO parts VALUES ('SN-1')")
+    foreign.commit()
+    foreign.close()
+    with pytest.raises(sqlite3.DatabaseError, match="not a MQTT outbox"):
+        Outbox(path)  # a tool reading it is told, and changes nothing
+    outbox = Outbox(path, open_now=False)  # the station moves it aside and starts its own
+    try:
+        assert outbox.put("t/result", "{}", 1, "result") >= 1
+        note = outbox.take_notes()[0]
+        assert note["kind"] == "replaced_file_moved_aside"
+        kept = sqlite3.connect(note["moved_to"])
+        assert kept.execute("SELECT serial FROM parts").fetchall() == [("SN-1",)]
+        kept.close()
+    finally:
+        outbox.close()
+
+
+def test_a_counter_handed_out_while_the_store_was_closed_is_stored_once_it_opens(tmp_path: Path):
+    blocker = tmp_path / "var"
+    blocker.write_text("a file where the data folder should be")  # the store cannot be created
+    outbox = Outbox(blocker / "outbox.sqlite3", open_now=False)
+    assert outbox.open_error is not None
+    first = outbox.next_counter("bd_seq")  # from the clock: larger than any stored count
+    assert first > 1_000_000
+    blocker.unlink()  # the folder can be made now
+    outbox.put("t/result", "{}", 1, "result")  # the next write opens the store ...
+    outbox.close()
+    again = Outbox(blocker / "outbox.sqlite3")
+    try:
+        assert again.next_counter("bd_seq") == first + 1  # ... and stored the counter: it never goes back
+    finally:
+        again.close()
+
+
+@needs_mosquitto
+def test_a_stop_during_a_storage_fault_ends_within_the_drain_budget_and_names_every_unwritten_part(
+        tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture):
+    import logging
+    import signal
+    import threading
+
+    from appliance.runtime import run
+
+    settings = station_settings(tmp_path, bundle_dir, broker.port, mqtt={"drain_timeout_s": 3},
+                                trigger={"mode": "continuous"}, camera={"source": "synthetic", "loop": True})
+    data = settings.storage.data_dir
+    data.mkdir(parents=True)
+    ResultsLog(data / "results.sqlite3").close()
+    Outbox(data / "outbox.sqlite3").close()
+    # Both stores locked by another process for longer than the test: nothing can be written.
+    lockers = [Locker(data / "results.sqlite3", 120), Locker(data / "outbox.sqlite3", 120)]
+    stopped_at: list[float] = []
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def stop_soon() -> None:
+        # Opening the locked stores takes a few busy timeouts: wait until run() listens for SIGTERM.
+        assert wait_until(lambda: signal.getsignal(signal.SIGTERM) is not before, 60)
+        time.sleep(3.0)  # parts are decided (and held in memory) meanwhile
+        stopped_at.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)  # what systemd sends
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="appliance"):
+            threading.Thread(target=stop_soon, daemon=True).start()
+            code = run(settings, max_seconds=120)
+        ended = time.monotonic()
+        assert code == 0 and stopped_at
+        # The whole stop stays inside mqtt.drain_timeout_s plus a few seconds, far inside systemd's
+        # TimeoutStopSec (drain + 30 s), although nothing can be written.
+        assert ended - stopped_at[0] < 3 + 10, ended - stopped_at[0]
+        # Every part that no store took is in the process log, in full: its last record.
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("UNRECORDED at stop")]
+        logged = [json.loads(m.split(": ", 1)[1]) for m in lines if "(results_log)" in m]
+        parts = [item["inspection"]["part_id"] for item in logged if "inspection" in item]
+        assert parts and all(p.startswith("st-mqtt-r") for p in parts)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        for locker in lockers:
+            locker.proc.kill()
+            locker.wait()

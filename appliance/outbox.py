@@ -109,7 +109,7 @@ class Outbox(SqliteStore):
         self._max_id = 0  # the largest id handed out by this process
         self._dead = 0
         super().__init__(path, _SCHEMA, SCHEMA_VERSION, "MQTT outbox", synchronous, open_now=open_now,
-                         tables=("meta", "outbox"))
+                         tables=("outbox", "dead_letters"))
 
     def _opened(self, db: sqlite3.Connection) -> None:
         # A new file (the old one corrupt or gone) must not hand out ids that are still in flight or

@@ -87,7 +87,7 @@ class ResultsLog(SqliteStore):
 
     def __init__(self, path: Path, synchronous: str = "FULL", open_now: bool = True) -> None:
         super().__init__(path, _SCHEMA, SCHEMA_VERSION, "results log", synchronous, open_now=open_now,
-                         tables=("meta", "inspections", "events"))
+                         tables=("inspections", "events"))
 
     def write_many(self, items: list[InspectionRecord | LoggedEvent]) -> None:
         """Inspections and events in one transaction, in the given order; raises the storage error."""

@@ -81,7 +81,7 @@ class SqliteStore:
                  open_now: bool = True, tables: tuple[str, ...] = ("meta",)) -> None:
         self.path = path
         self.what = what
-        self._tables = tables  # a file without these tables, but with others, is not ours
+        self._tables = tables  # the store's own tables: a file with tables, none of them these, is not ours
         self.open_error: str | None = None  # why the store is closed, while it is
         self._schema = schema
         self._schema_version = schema_version
@@ -222,14 +222,16 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         try:
-            names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if names and not set(self._tables) <= names:
+            names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                     if not row[0].startswith("sqlite_")} - {"meta"}
+            if names and not names & set(self._tables):
                 # Another SQLite file at our path (a backup restored over it, a copy of something else): writing
                 # our tables into it would mix two databases.
                 raise _ForeignFile(f"not a {self.what}: it has tables {sorted(names)[:8]}, not {list(self._tables)}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous}")
-            db.executescript(self._schema)
+            # One transaction: a reader opening the file meanwhile sees all of the schema or none of it.
+            db.executescript(f"BEGIN IMMEDIATE;\n{self._schema}\nCOMMIT;")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(self._schema_version),))
         except BaseException:
             db.close()

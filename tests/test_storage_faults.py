@@ -293,6 +293,7 @@ def test_a_read_only_file_system_at_start_holds_parts_until_it_is_writable(
         assert all("Read-only file system" in e["error"] for e in _events(control_room, "storage_fault"))
         assert not _parts_received(control_room)  # a result is published only from the outbox
         # From the very first heartbeat: the stores could not even be opened, and it says so.
+        assert control_room.wait_for(lambda: control_room.of("health"), 10), [m.kind for m in control_room.messages]
         first = control_room.of("health")[0].payload["storage"]
         assert not first["ok"] and {f["store"] for f in first["faults"]} == {"results_log", "outbox"}
         subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)

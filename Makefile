@@ -24,7 +24,7 @@ help:
 	@echo "make train DATA=DIR   train on your parts (DIR/ok, DIR/defect) into RUN=$(RUN)"
 	@echo "make export           RUN -> model bundle BUNDLE=$(BUNDLE) (FP32 + INT8 Q/DQ + FP16 ONNX)"
 	@echo "make train-elpv       the ELPV benchmark training + export (report in $(ELPV_RUN)/report)"
-	@echo "make engine BUNDLE=DIR PRECISION=fp16|int8|fp32 [DLA_CORE=0] [MAX_BATCH=N] [WORKSPACE_MB=1024] [FORCE=1]"
+	@echo "make engine BUNDLE=DIR PRECISION=fp16|int8|fp32 [DLA_CORE=0 [DLA_MIN_SHARE=0.5]] [MAX_BATCH=N] [WORKSPACE_MB=1024] [FORCE=1]"
 	@echo "                      build + validate + install a TensorRT engine for this device (on the Jetson)"
 	@echo "make provision STATION=ID SITE=S LINE=L [BROKER=host:port]   station.toml + systemd unit in provisioning/out/ID"
 	@echo "make augment-preview  artifacts/augment_preview.png: each production-condition transform"
@@ -96,7 +96,8 @@ PRECISION ?= fp16
 ENGINE_STORE ?= engines/store
 WORKSPACE_MB ?= 1024
 ENGINE_ARGS = --bundle $(BUNDLE) --precision $(PRECISION) --store $(ENGINE_STORE) --workspace-mb $(WORKSPACE_MB) \
-	$(if $(DLA_CORE),--dla-core $(DLA_CORE)) $(if $(MAX_BATCH),--max-batch $(MAX_BATCH)) $(if $(FORCE),--force)
+	$(if $(DLA_CORE),--dla-core $(DLA_CORE)) $(if $(DLA_MIN_SHARE),--dla-min-share $(DLA_MIN_SHARE)) \
+	$(if $(MAX_BATCH),--max-batch $(MAX_BATCH)) $(if $(FORCE),--force)
 .PHONY: engine
 engine: $(VENV)/.stamp-runtime
 	$(PY) -m engines build $(ENGINE_ARGS)

@@ -11,11 +11,19 @@ from another one with `CudaThreadError`. Host memory is plain memory: another th
 pinned buffer's `.array` (the preprocess stage does), but not copy, free or launch with it.
 
 Every pycuda failure (pycuda._driver.Error and its LogicError, MemoryError, RuntimeError, LaunchError)
-becomes a `GpuUnavailableError` naming the operation, so the station can fall back and say why.
+becomes a `GpuUnavailableError` naming the operation, so the station can fall back and say why. The "sticky"
+ones (an illegal address, a launch failure: `FATAL_CUDA_ERRORS`) become `CudaFatalError`: after them every
+CUDA call in this process fails the same way, so only a new process gets the GPU back.
+
+The device's primary context is retained once per process and never released: pycuda's `detach()` of a
+retained primary context pushes it on the thread's context stack and releases it without popping it
+(pycuda src/cpp/cuda.hpp, `context::detach` with `primary_context::detach_internal` =
+`cuDevicePrimaryCtxRelease`), so every open/close cycle of a backend would leave one more entry behind.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,6 +64,44 @@ class CudaThreadError(GpuUnavailableError):
     """A CUDA resource was used from a thread other than the one that owns it (a bug in the caller)."""
 
 
+class CudaFatalError(GpuUnavailableError):
+    """A CUDA error that leaves this process's CUDA context unusable: only a new process gets the GPU back."""
+
+
+# The CUDA errors after which, in the words of the CUDA Runtime API reference (enum cudaError), "the process
+# [is] in an inconsistent state and any further CUDA work will return the same error. To continue using CUDA,
+# the process must be terminated and relaunched." Code: (runtime API name, driver API name, the text
+# cudaGetErrorString / cuGetErrorString give, which is what pycuda's and TensorRT's messages quote).
+FATAL_CUDA_ERRORS: dict[int, tuple[str, str, str]] = {
+    700: ("cudaErrorIllegalAddress", "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"),
+    702: ("cudaErrorLaunchTimeout", "CUDA_ERROR_LAUNCH_TIMEOUT", "the launch timed out and was terminated"),
+    710: ("cudaErrorAssert", "CUDA_ERROR_ASSERT", "device-side assert triggered"),
+    714: ("cudaErrorHardwareStackError", "CUDA_ERROR_HARDWARE_STACK_ERROR", "hardware stack error"),
+    715: ("cudaErrorIllegalInstruction", "CUDA_ERROR_ILLEGAL_INSTRUCTION", "an illegal instruction was encountered"),
+    716: ("cudaErrorMisalignedAddress", "CUDA_ERROR_MISALIGNED_ADDRESS", "misaligned address"),
+    717: ("cudaErrorInvalidAddressSpace", "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+          "operation not supported on global/shared address space"),
+    718: ("cudaErrorInvalidPc", "CUDA_ERROR_INVALID_PC", "invalid program counter"),
+    719: ("cudaErrorLaunchFailure", "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure"),
+}
+_FATAL_PATTERNS = [
+    (code, re.compile("|".join(re.escape(term) for term in terms), re.IGNORECASE))
+    for code, terms in FATAL_CUDA_ERRORS.items()
+]
+
+
+def fatal_cuda_error(text: str) -> str | None:
+    """The fatal CUDA error `text` reports, as "cudaErrorIllegalAddress (700)", or None when it names none.
+
+    Read from the message because that is all pycuda's exceptions (whose classes mix fatal and recoverable
+    codes: LaunchError also covers "too many resources requested") and TensorRT's logger hand over.
+    """
+    for code, pattern in _FATAL_PATTERNS:
+        if pattern.search(text):
+            return f"{FATAL_CUDA_ERRORS[code][0]} ({code})"
+    return None
+
+
 def _driver() -> ModuleType:
     """pycuda.driver, imported on first use; GpuUnavailableError when pycuda or libcuda is missing."""
     try:
@@ -72,7 +118,12 @@ def _cuda_call(operation: str) -> Iterator[None]:
     try:
         yield
     except cuda.Error as exc:
-        raise GpuUnavailableError(f"CUDA {operation} failed: {type(exc).__name__}: {exc}") from exc
+        message = f"CUDA {operation} failed: {type(exc).__name__}: {exc}"
+        fatal = fatal_cuda_error(str(exc))
+        if fatal is not None:
+            raise CudaFatalError(f"{message} [fatal: {fatal}]",
+                                 hint="this process can no longer use the GPU: restart it") from exc
+        raise GpuUnavailableError(message) from exc
 
 
 def cuda_available() -> tuple[bool, str]:
@@ -105,6 +156,15 @@ def device_identity(device_index: int = 0) -> tuple[str, str]:
         return device.name(), f"{major}.{minor}"
 
 
+def device_multiprocessors(device_index: int = 0) -> int:
+    """How many streaming multiprocessors the device has; with the name, tells GPU models apart that share a
+    compute capability (AGX Orin 16, Orin NX and Orin Nano 8 or 4)."""
+    cuda = _driver()
+    with _cuda_call(f"query of device {device_index}"):
+        cuda.init()
+        return int(cuda.Device(device_index).get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT))
+
+
 def driver_cuda_version() -> str:
     """The CUDA version the installed driver supports, e.g. "12.6" (for engine manifests)."""
     cuda = _driver()
@@ -132,23 +192,40 @@ class _ThreadBound:
             )
 
 
-class CudaContext(_ThreadBound):
-    """The primary context of one device, retained on the calling thread; `close()` releases it.
+# device index -> pycuda's handle on the retained primary context, for the life of the process.
+_primary: dict[int, Any] = {}
+_primary_lock = threading.Lock()
 
-    The primary context is the one the CUDA runtime (and so TensorRT) uses by default: retaining it rather
-    than creating a private one means TensorRT and our buffers share a context. It is not current after
-    construction: make it current with `push()`/`pop()` or, better, `with ctx.active():`.
+
+def _primary_context(device_index: int) -> Any:
+    """The primary context of a device, retained on first use and kept: see the module docstring."""
+    cuda = _driver()
+    with _primary_lock:
+        ctx = _primary.get(device_index)
+        if ctx is None:
+            with _cuda_call(f"retaining the primary context of device {device_index}"):
+                ctx = cuda.Device(device_index).retain_primary_context()
+            _primary[device_index] = ctx
+        return ctx
+
+
+class CudaContext(_ThreadBound):
+    """The primary context of one device, made current on the owning thread when needed; `close()` ends its use.
+
+    The primary context is the one the CUDA runtime (and so TensorRT) uses by default: using it rather than
+    creating a private one means TensorRT and our buffers share a context. It is retained once per process
+    and shared by every CudaContext of the device (a backend reopened after a GPU loss gets the same one).
+    It is not current after construction: make it current with `push()`/`pop()` or, better,
+    `with ctx.active():`.
     """
 
     _what = "CUDA context"
 
     def __init__(self, device_index: int = 0) -> None:
         super().__init__()
-        cuda = _driver()
         self.device_index = device_index
         self.device_name, self.compute_capability = device_identity(device_index)
-        with _cuda_call(f"retaining the primary context of device {device_index}"):
-            self._ctx: Any = cuda.Device(device_index).retain_primary_context()
+        self._ctx: Any = _primary_context(device_index)
         self._depth = 0  # pushes not yet popped, so close() can unwind what this object pushed
 
     @property
@@ -198,18 +275,17 @@ class CudaContext(_ThreadBound):
         return int(free), int(total)
 
     def close(self) -> None:
-        """Pop what this object pushed and release the primary context; harmless when already closed.
+        """Pop what this object pushed, leaving the thread's context stack as it found it; harmless when closed.
 
-        Free every buffer and stream made in the context first: pycuda cannot free them once it is gone.
+        The primary context itself stays retained for the process (see the module docstring): free every
+        buffer and stream made through this object first, nothing frees them later.
         """
         if self._ctx is None:
             return
         self._check_thread("close")
         while self._depth:
             self.pop()
-        ctx, self._ctx = self._ctx, None
-        with _cuda_call("releasing the primary context"):
-            ctx.detach()
+        self._ctx = None
 
 
 class PinnedHostBuffer(_ThreadBound):

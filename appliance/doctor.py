@@ -99,7 +99,8 @@ class Doctor:
 
         engine = find_engine(self.settings, self._bundle, self._device)
         manifest = load_manifest(manifest_path(engine))
-        problems = incompatibilities(manifest, self._device)
+        problems = incompatibilities(manifest, self._device,
+                                     allow_other_gpu_model=self.settings.inference.allow_other_gpu_model)
         if problems:
             return "FAIL", f"{engine.name}: " + "; ".join(problems)
         v = manifest.validation or {}

@@ -176,6 +176,9 @@ class Pipeline:
         self.last_error = ""
         self.crashed = False
         self.failure: ThreadFailure | None = None  # the stage that died, if one did
+        # Why the process must restart (a fatal CUDA error): capture stops, the parts in flight finish on the
+        # fallback, and the runtime exits with EXIT_CUDA_FATAL.
+        self.fatal: str | None = None
         self._busy_since: float | None = None  # monotonic start of the inference in progress, for stall_reason
 
     # --- control -----------------------------------------------------------------------------------
@@ -330,12 +333,15 @@ class Pipeline:
         try:
             sup.start()
             self._publish_backend(sup)
+            self._note_fatal(sup)
             self._backend_ready.set()
             while (insp := self._q_infer.get()) is not _STOP:
                 if sup.maybe_retry():
                     self._publish_backend(sup)
+                self._note_fatal(sup)
                 insp.t["infer_start"] = self._busy_since = time.monotonic()
                 self._infer_one(sup, insp)
+                self._note_fatal(sup)
                 insp.t["infer_end"] = time.monotonic()
                 self._busy_since = None
                 self._q_decide.put(insp)
@@ -385,6 +391,12 @@ class Pipeline:
             if insp.slot is not None:
                 self._slots.release(*insp.slot)
                 insp.slot = None
+
+    def _note_fatal(self, sup: BackendSupervisor) -> None:
+        """Once the supervisor saw a fatal CUDA error: record why and stop capturing (the runtime restarts us)."""
+        if sup.fatal is not None and self.fatal is None:
+            self.fatal = self.last_error = sup.fatal
+            self._stop.set()
 
     def _run_spare(self, backend: InferenceBackend, insp: Inspection) -> np.ndarray:
         """Preprocess into the backend's spare slot (reserved for this thread) and run it."""

@@ -7,6 +7,7 @@ settings files.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 import threading
@@ -20,13 +21,13 @@ from appliance.errors import ConfigError, GpuUnavailableError
 from appliance.mqtt_link import LinkConfig
 from appliance.ort_backend import OnnxRuntimeBackend
 from appliance.outbox import Outbox
-from appliance.payloads import Topics
+from appliance.payloads import PART_ID_PATTERN, Topics
 from appliance.pipeline import Pipeline, PipelineConfig
 from appliance.reporting import LogReporter, MqttReporter, config_hash
 from appliance.results_log import ResultsLog
 from appliance.settings import StationSettings, mqtt_password
 from appliance.supervisor import BackendSupervisor, EventSink
-from appliance.threads import EXIT_THREAD_FAILED, ThreadFailure
+from appliance.threads import EXIT_CUDA_FATAL, EXIT_THREAD_FAILED, ThreadFailure
 from appliance.watchdog import Watchdog, notify, watchdog_interval_s
 from engines.manifest import DeviceInfo
 
@@ -100,7 +101,8 @@ def supervisor_factory(settings: StationSettings, bundle: Bundle):
         from appliance.trt_backend import TensorRTBackend, device_info
 
         device = device_info()
-        return TensorRTBackend(find_engine(settings, bundle, device), slots=SLOTS, device=device)
+        return TensorRTBackend(find_engine(settings, bundle, device), slots=SLOTS, device=device,
+                               allow_other_gpu_model=inf.allow_other_gpu_model)
 
     def build(on_event: EventSink) -> BackendSupervisor:
         if inf.backend == "onnxruntime":
@@ -189,6 +191,8 @@ def build_station(settings: StationSettings, reporter=None, source=None, mqtt: b
         operating_point_by_backend=ops,
         mode=Mode(settings.decision.mode), triggered=settings.trigger.mode == "triggered",
         defect_index=bundle.metadata.defect_index,
+        # At the end of the stream the decide thread waits only briefly: run() gives the writers their time.
+        flush_timeout_s=min(2.0, settings.mqtt.drain_timeout_s),
         # Continuous part ids carry this start's number: unique across restarts (README, "Part ids").
         run_id=f"r{results.next_counter('run')}",
     )
@@ -261,16 +265,19 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
     log.info("stopped: %d inspections %s, %d live frames dropped, %.1f parts/s, end-to-end p50 %.1f ms p99 %.1f ms",
              snap["inspections"], snap["verdicts"], pipeline.dropped, snap["throughput_per_s"],
              snap["end_to_end_ms_p50"], snap["end_to_end_ms_p99"])
-    if station.mqtt is not None:
-        drained = station.mqtt.stop(settings.mqtt.drain_timeout_s)
-        if not drained:
-            log.warning("%d message(s) stay in the outbox %s for the next start", station.outbox.depth(),
-                        station.outbox.path)
-    if not station.close(settings.mqtt.drain_timeout_s):
-        log.error("some records could not be written before the stop (storage fault); they are in this log")
+    # One budget for what is left (the writers' backlogs, then the broker): mqtt.drain_timeout_s, so that the
+    # whole stop stays inside systemd's TimeoutStopSec (drain + 30 s, provisioning/) even during a storage fault.
+    if station.mqtt is not None and not station.mqtt.stop(settings.mqtt.drain_timeout_s):
+        log.warning("%d message(s) stay in the outbox %s for the next start", station.outbox.depth(),
+                    station.outbox.path)
+    if not station.close(1.0 if station.mqtt is not None else settings.mqtt.drain_timeout_s):
+        log.error("some records could not be written before the stop (storage fault): see the UNRECORDED lines")
     if failure is not None:
         log.critical("exiting with %d so systemd restarts the station: %s", EXIT_THREAD_FAILED, failure.describe())
         return EXIT_THREAD_FAILED
+    if pipeline.fatal is not None:  # reported as a cuda_fatal event by the supervisor
+        log.critical("exiting with %d so systemd restarts the station: %s", EXIT_CUDA_FATAL, pipeline.fatal)
+        return EXIT_CUDA_FATAL
     return 0
 
 
@@ -286,5 +293,11 @@ def _report_failure(station: Station, failure: ThreadFailure) -> None:
 def _stdin_triggers(pipeline: Pipeline) -> None:
     for line in sys.stdin:
         part_id = line.strip()
-        if part_id:
-            pipeline.trigger(part_id)
+        if not part_id:
+            continue
+        # The same rule as cmd/trigger: a part id becomes a log field, a topic payload, maybe a file name.
+        if re.fullmatch(PART_ID_PATTERN, part_id) is None:
+            log.error("trigger from standard input refused: part id %r is not 1-128 characters of letters, digits "
+                      "and _ . : - starting with a letter or digit", part_id[:80])
+            continue
+        pipeline.trigger(part_id)

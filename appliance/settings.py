@@ -9,11 +9,21 @@ Environment overrides use the prefix APPLIANCE_ and `__` between levels, e.g.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from appliance.errors import ConfigError
@@ -29,6 +39,16 @@ _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic takes `true` for 1 in a number field; `max_pixels = true` would quietly mean one pixel.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if set(get_args(annotation) or (annotation,)) & {int, float} and bool not in get_args(annotation):
+                raise ValueError("a number is expected here, not true/false")
+        return value
 
 
 class StationSection(_Section):
@@ -83,6 +103,9 @@ class InferenceSection(_Section):
     # The GPU is retried after 1 s, doubling up to this, while the station runs on a fallback.
     gpu_retry_max_s: float = Field(60.0, ge=1.0, le=3600.0)
     precision: Literal["fp16", "int8", "fp32"] = "fp16"
+    # Run an engine built on another GPU model of the same compute capability (an AGX Orin engine on an Orin
+    # NX, say). TensorRT advises against it (tactics timed on the other model); off, such an engine is refused.
+    allow_other_gpu_model: bool = False
 
 
 class DecisionSection(_Section):
@@ -197,10 +220,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def format_validation_errors(exc: ValidationError, source: str) -> list[str]:
-    """One line per problem: `key.path = value: message`, naming the source file."""
+    """One line per problem: `key.path = value: message`, naming the source: the file, or the environment
+    variable when one sets that key (it wins over the file)."""
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        env_name = ENV_PREFIX + "__".join(str(p) for p in err["loc"][:2]).upper()
+        origin = f"environment {env_name}" if err["loc"] and env_name in os.environ else source
         value = err.get("input")
         shown = "<missing>" if err["type"] == "missing" else repr(value)
         if len(shown) > 80:
@@ -210,7 +236,7 @@ def format_validation_errors(exc: ValidationError, source: str) -> list[str]:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against README.md)"
-        lines.append(f"{source}: {key} = {shown}: {msg}")
+        lines.append(f"{origin}: {key} = {shown}: {msg}")
     return lines
 
 

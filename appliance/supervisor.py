@@ -6,8 +6,13 @@
   (every part `manual_required`, with the reason), and retries the GPU with capped exponential backoff,
   returning to production by itself when it works.
 - `onnxruntime`: the bundle's FP32 ONNX on the CPU; a failure there is retried the same way.
+- A fatal CUDA error (illegal address, launch failure: `appliance.cuda_memory.FATAL_CUDA_ERRORS`) leaves this
+  process's CUDA context unusable, so retrying in the same process can never succeed: the part at hand still
+  goes to the fallback, then `fatal` holds the reason, no retry follows, and a `cuda_fatal` event asks for
+  the restart (the runtime then exits with EXIT_CUDA_FATAL and systemd starts a fresh process).
 
-Every switch is an event (`gpu_lost`, `gpu_back`, `cpu_fallback`, `backend_failed`) handed to `on_event`.
+Every switch is an event (`gpu_lost`, `gpu_back`, `cpu_fallback`, `backend_failed`, `cuda_fatal`) handed to
+`on_event`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.backend import InferenceBackend
+from appliance.cuda_memory import fatal_cuda_error
 from appliance.errors import ApplianceError
+from appliance.threads import EXIT_CUDA_FATAL
 
 BackendFactory = Callable[[], InferenceBackend]
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -48,6 +55,8 @@ class BackendSupervisor:
         self._delay = retry_initial_s
         self._next_retry = 0.0
         self.generation = 0  # bumps on every backend change: slot buffers of older generations are stale
+        # Set after a fatal CUDA error: why this process must be restarted to use the GPU again.
+        self.fatal: str | None = None
 
     def start(self) -> None:
         """Bring up the primary backend, or the fallback path if it cannot start."""
@@ -63,13 +72,14 @@ class BackendSupervisor:
 
     def maybe_retry(self) -> bool:
         """Retry the primary backend when its backoff has elapsed; True when it came back."""
-        if self.on_primary or self._clock() < self._next_retry:
+        if self.on_primary or self.fatal is not None or self._clock() < self._next_retry:
             return False
         try:
             backend = self._primary()
         except Exception as exc:
             self._schedule_retry()
             self.why_no_model = self.why_no_model or _describe(exc)
+            self._check_fatal(_describe(exc))
             return False
         self._close_backend()
         self._install(backend, primary=True)
@@ -98,16 +108,28 @@ class BackendSupervisor:
         if self._fallback is not None:
             try:
                 self._install(self._fallback(), primary=False)
-                self.why_no_model = ""
-                self._on_event("cpu_fallback", {"backend": self.backend.name, "reason": reason})
-                return
             except Exception as fallback_exc:
                 reason = f"{reason}; CPU fallback failed too: {_describe(fallback_exc)}"
+            else:
+                self.why_no_model = ""
+                self._on_event("cpu_fallback", {"backend": self.backend.name, "reason": reason})
+                self._check_fatal(reason)
+                return
         self.backend = None
         self.generation += 1
         label = "GPU unavailable" if self.primary_name == "tensorrt" else "inference unavailable"
         self.why_no_model = f"{label}: {reason}"
         self._on_event("manual_fallback", {"reason": self.why_no_model})
+        self._check_fatal(_describe(exc))
+
+    def _check_fatal(self, reason: str) -> None:
+        """After the fallback is in place: a fatal CUDA error in `reason` ends the GPU's use by this process."""
+        error = fatal_cuda_error(reason)
+        if error is None or self.fatal is not None:
+            return
+        self.fatal = f"fatal CUDA error {error}, the process must restart to use the GPU again: {reason}"
+        self._on_event("cuda_fatal", {"backend": self.primary_name, "error": error, "reason": reason,
+                                      "exit_code": EXIT_CUDA_FATAL})
 
     def _schedule_retry(self) -> None:
         self._next_retry = self._clock() + self._delay

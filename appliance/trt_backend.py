@@ -24,12 +24,15 @@ import numpy as np
 
 from appliance.cuda_memory import (
     CudaContext,
+    CudaFatalError,
     CudaStream,
     DeviceBuffer,
     PinnedHostBuffer,
     copy_dtoh_async,
     copy_htod_async,
     device_identity,
+    device_multiprocessors,
+    fatal_cuda_error,
 )
 from appliance.errors import GpuUnavailableError
 from engines.manifest import (
@@ -60,10 +63,11 @@ def import_tensorrt() -> ModuleType:
 
 
 def device_info(device_index: int = 0) -> DeviceInfo:
-    """This device as engine compatibility sees it: TensorRT version, GPU name, compute capability."""
+    """This device as engine compatibility sees it: TensorRT version, GPU name and size, compute capability."""
     trt = import_tensorrt()
     name, capability = device_identity(device_index)
-    return DeviceInfo(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=capability)
+    return DeviceInfo(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=capability,
+                      gpu_multiprocessors=device_multiprocessors(device_index))
 
 
 def _make_logger(trt: ModuleType) -> Any:
@@ -104,12 +108,14 @@ class TensorRTBackend:
         dla_core: int | None = None,
         *,
         device: DeviceInfo | None = None,
+        allow_other_gpu_model: bool = False,
     ) -> None:
         """Check the engine against the device, then deserialize it and allocate every buffer once.
 
         `device` replaces the query of this device (TensorRT version, GPU) for the compatibility check: for a
         caller that already has it, and for tests. Left out, TensorRT is imported first, so a machine without
-        it gets the JetPack hint before anything else.
+        it gets the JetPack hint before anything else. `allow_other_gpu_model` (`inference.allow_other_gpu_model`)
+        accepts an engine built on another GPU model of the same compute capability, which TensorRT warns against.
         """
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
@@ -130,6 +136,7 @@ class TensorRTBackend:
         if device is None:
             device = device_info(device_index)
         self.device = device
+        self.allow_other_gpu_model = allow_other_gpu_model
         self.manifest = self._checked_manifest(device, dla_core)
         blob = self._verified_engine_bytes()
         self.dla_core = dla_core if dla_core is not None else self.manifest.dla_core
@@ -157,7 +164,8 @@ class TensorRTBackend:
                 f"TensorRT engine {self.engine_path} does not exist", hint=f"build it on this device: {REBUILD}"
             )
         manifest = load_manifest(manifest_path(self.engine_path))
-        problems = incompatibilities(manifest, device, dla_core=dla_core)
+        problems = incompatibilities(manifest, device, dla_core=dla_core,
+                                     allow_other_gpu_model=self.allow_other_gpu_model)
         if problems:
             raise GpuUnavailableError(
                 f"TensorRT engine {self.engine_path} cannot run on this device: " + "; ".join(problems),
@@ -302,9 +310,13 @@ class TensorRTBackend:
         with self._cuda.active():  # type: ignore[union-attr]  # _input_slot refused a closed backend
             copy_htod_async(self._d_input, host_input, self._stream)
             if not self._exec.execute_async_v3(self._stream.handle):
-                raise GpuUnavailableError(
-                    f"TensorRT execution of {self.engine_path} failed: {self._logger.last_error or 'no error logged'}"
-                )
+                detail = self._logger.last_error or "no error logged"
+                message = f"TensorRT execution of {self.engine_path} failed: {detail}"
+                fatal = fatal_cuda_error(detail)
+                if fatal is not None:
+                    raise CudaFatalError(f"{message} [fatal: {fatal}]",
+                                         hint="this process can no longer use the GPU: restart it")
+                raise GpuUnavailableError(message)
             copy_dtoh_async(self._h_output, self._d_output, self._stream)
             self._stream.synchronize()
         # A copy: the pinned output is overwritten by the next frame, the caller may keep this one.

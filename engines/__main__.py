@@ -7,7 +7,7 @@
   plan    how a build would be done with a given TensorRT version (no TensorRT needed: for planning)
 
 Exit codes: 0 ok, 2 a request this device or TensorRT cannot do, 4 bundle problem, 7 no TensorRT / GPU,
-9 build or validation failed (nothing installed).
+9 build or validation failed, or a DLA build ran less than --dla-min-share on the DLA (nothing installed).
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from pathlib import Path
 from appliance.bundle import ROLE_FILES, Bundle, load_bundle
 from appliance.errors import ApplianceError, ConfigError, EngineBuildError
 from engines.manifest import DeviceInfo, EngineManifest, manifest_path, write_manifest
-from engines.plan import DEFAULT_WORKSPACE_MB, BuildPlan, BuildRequest, PlanError, plan_build
+from engines.plan import (
+    DEFAULT_DLA_MIN_SHARE,
+    DEFAULT_WORKSPACE_MB,
+    BuildPlan,
+    BuildRequest,
+    PlanError,
+    plan_build,
+)
 from engines.store import DEFAULT_STORE, EngineKey, list_engines, timing_cache_path, up_to_date
 from engines.validate import Validation, validate
 
@@ -55,11 +62,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     from engines.device import probe
 
     bundle = load_bundle(args.bundle)
-    request = BuildRequest(args.precision, args.workspace_mb, args.dla_core, args.max_batch)
+    request = BuildRequest(args.precision, args.workspace_mb, args.dla_core, args.max_batch, args.dla_min_share)
     device = probe()
     roles = {role for role in ROLE_FILES if bundle.has(role)}
     try:
-        plan = plan_build(device.tensorrt_version, request, dla_cores=device.dla_cores, available_roles=roles)
+        plan = plan_build(device.tensorrt_version, request, dla_cores=device.dla_cores, available_roles=roles,
+                          jetson_model=device.jetson_model)
     except PlanError as exc:
         raise ConfigError(str(exc)) from exc
     onnx = bundle.path(plan.onnx_role)
@@ -74,23 +82,33 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
     print(f"building {target} ({'forced' if args.force and fresh else why})")
     print(f"  plan: {plan.onnx_role} ({onnx.name}), {'strongly typed' if plan.strongly_typed else 'weakly typed'}, "
-          f"flags {list(plan.builder_flags) or 'none'}, workspace {plan.workspace_bytes // 2**20} MB, batch "
-          f"{plan.batch_profile}" + (f", DLA core {plan.dla_core}" if plan.dla_core is not None else ""))
+          f"flags {list(plan.builder_flags) or 'none'}"
+          + (f" (cleared: {list(plan.cleared_builder_flags)})" if plan.cleared_builder_flags else "")
+          + (f", parser flags {list(plan.parser_flags)}" if plan.parser_flags else "")
+          + f", workspace {plan.workspace_bytes // 2**20} MB, batch {plan.batch_profile}"
+          + (f", DLA core {plan.dla_core} (at least {plan.dla_min_share:.0%} of the layers on it)"
+             if plan.dla_core is not None else ""))
     store.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=("building", stop), daemon=True).start()
     started = time.monotonic()
     try:
         built = build_serialized(plan, onnx, timing_cache_path(store, device.tensorrt_version,
-                                                               device.compute_capability))
+                                                               device.compute_capability, device.gpu_name,
+                                                               device.gpu_multiprocessors))
     finally:
         stop.set()
     seconds = time.monotonic() - started
+    options = plan.as_options()
+    if built.dla_placement is not None:
+        print(f"  DLA placement: {built.dla_placement.summary()}")
+        options["dla_placement"] = built.dla_placement.as_dict()
     manifest = EngineManifest(
         bundle_name=bundle.metadata.name, bundle_model_id=bundle.model_id,
         onnx_sha256=key.onnx_sha256, precision=plan.precision, tensorrt_version=device.tensorrt_version,
         cuda_version=device.cuda_version, l4t_version=device.l4t_version, gpu_name=device.gpu_name,
-        compute_capability=device.compute_capability, dla_core=plan.dla_core, build_options=plan.as_options(),
+        compute_capability=device.compute_capability, gpu_multiprocessors=device.gpu_multiprocessors,
+        dla_core=plan.dla_core, build_options=options,
         built_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), build_seconds=round(seconds, 1),
         engine_sha256=hashlib.sha256(built.blob).hexdigest(), input_name=built.input_name,
         output_name=built.output_name, input_shape=built.input_shape,
@@ -101,7 +119,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     write_manifest(manifest_path(candidate), manifest)
     try:
         info = DeviceInfo(tensorrt_version=device.tensorrt_version, gpu_name=device.gpu_name,
-                          compute_capability=device.compute_capability)
+                          compute_capability=device.compute_capability,
+                          gpu_multiprocessors=device.gpu_multiprocessors)
         result = _validate_engine(candidate, bundle, plan, info)
         print(f"  built in {seconds:.0f} s; {result.summary()}")
         manifest = manifest.model_copy(update={"validation": result.as_dict()})
@@ -139,9 +158,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    request = BuildRequest(args.precision, args.workspace_mb, args.dla_core, args.max_batch)
+    request = BuildRequest(args.precision, args.workspace_mb, args.dla_core, args.max_batch, args.dla_min_share)
     try:
-        plan = plan_build(args.tensorrt_version, request, dla_cores=args.dla_cores)
+        plan = plan_build(args.tensorrt_version, request, dla_cores=args.dla_cores, jetson_model=args.jetson_model)
     except PlanError as exc:
         raise ConfigError(str(exc)) from exc
     print(json.dumps(plan.as_options(), indent=2))
@@ -160,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"TensorRT builder workspace limit (default {DEFAULT_WORKSPACE_MB})")
         p.add_argument("--dla-core", type=int, help="build for this DLA core, GPU fallback on (AGX Orin, Xavier)")
         p.add_argument("--max-batch", type=int, help="dynamic batch 1..N (default: static batch 1)")
+        p.add_argument("--dla-min-share", type=float, metavar="SHARE",
+                       help=f"with --dla-core: fail the build when less than this share (0..1) of the network's "
+                       f"layers runs on the DLA (default {DEFAULT_DLA_MIN_SHARE}; GPU fallback moves the rest "
+                       "silently)")
 
     p = sub.add_parser("build", help="build, validate and install an engine for this device",
                        description="Build a TensorRT engine from the bundle ON the device that will run it, "
@@ -179,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the build plan for a TensorRT version (no TensorRT needed)")
     p.add_argument("--tensorrt-version", required=True, help="e.g. 10.3.0 (JetPack 6.1), 8.5.2 (JetPack 5.1)")
     p.add_argument("--dla-cores", type=int, default=0, help="DLA cores of the device (AGX Orin: 2)")
+    p.add_argument("--jetson-model", help="the board, as /proc/device-tree/model names it (DLA on TensorRT 11.4.1+ "
+                   "needs \"NVIDIA Jetson AGX Orin ...\")")
     request_options(p)
     p.set_defaults(func=cmd_plan)
     return parser

@@ -3,7 +3,11 @@
 A serialized engine only runs on the exact TensorRT version and GPU (compute capability) that built it, and
 TensorRT's own refusal ("Version tag does not match", "generated on an incompatible device") names neither.
 So every engine gets `<engine>.json` beside it, and the runtime compares it with the device *before*
-deserializing, to tell a plant engineer what differs and what to do.
+deserializing, to tell a plant engineer what differs and what to do. Another GPU *model* of the same compute
+capability (AGX Orin, Orin NX and Orin Nano are all 8.7) is refused too unless the station allows it: TensorRT
+loads such an engine with only a warning ("Using an engine plan file across different models of devices is not
+recommended and is likely to affect performance or even cause errors"; newer releases say "not supported"),
+its tactics having been timed on the other model.
 
 Pure data: this module imports neither TensorRT nor CUDA, so the check runs (and is tested) anywhere.
 """
@@ -55,6 +59,9 @@ class EngineManifest(BaseModel):
     l4t_version: str | None = None
     gpu_name: str
     compute_capability: str = Field(pattern=r"^\d+\.\d+$")
+    # Streaming multiprocessors of the GPU that built it (None in manifests from before it was recorded):
+    # tells apart models whose CUDA device name is the same.
+    gpu_multiprocessors: int | None = Field(default=None, ge=1)
     dla_core: int | None = Field(default=None, ge=0)
     # Builder settings as given (workspace, timing cache, strongly typed, profile...): for the record.
     build_options: dict[str, Any] = Field(default_factory=dict)
@@ -77,6 +84,7 @@ class DeviceInfo(BaseModel):
     tensorrt_version: str
     gpu_name: str
     compute_capability: str = Field(pattern=r"^\d+\.\d+$")
+    gpu_multiprocessors: int | None = Field(default=None, ge=1)
 
 
 def manifest_path(engine_path: str | Path) -> Path:
@@ -125,10 +133,25 @@ def gpu_family(compute_capability: str) -> str:
     return _GPU_FAMILIES.get(compute_capability, "")
 
 
-def incompatibilities(manifest: EngineManifest, device: DeviceInfo, *, dla_core: int | None = None) -> list[str]:
+def other_gpu_model(manifest: EngineManifest, device: DeviceInfo) -> str | None:
+    """How the engine's GPU differs from this one when both share a compute capability, else None."""
+    if manifest.compute_capability != device.compute_capability:
+        return None
+    built, here = manifest.gpu_multiprocessors, device.gpu_multiprocessors
+    if manifest.gpu_name != device.gpu_name:
+        return f"built on {manifest.gpu_name}, this GPU is {device.gpu_name}"
+    if built is not None and here is not None and built != here:
+        return f"built on a {manifest.gpu_name} with {built} multiprocessors, this one has {here}"
+    return None
+
+
+def incompatibilities(manifest: EngineManifest, device: DeviceInfo, *, dla_core: int | None = None,
+                      allow_other_gpu_model: bool = False) -> list[str]:
     """Why this engine cannot run on `device` (empty when it can), one actionable sentence each.
 
     `dla_core` is the core the station asks for (None: whatever the engine was built for).
+    `allow_other_gpu_model` (`inference.allow_other_gpu_model`) accepts an engine from another GPU model of the
+    same compute capability; it is then only an advisory.
     """
     problems: list[str] = []
     # Exact string: an engine is tied to the exact TensorRT build, not to a major.minor range.
@@ -144,6 +167,13 @@ def incompatibilities(manifest: EngineManifest, device: DeviceInfo, *, dla_core:
             f"engine built for compute capability {built_for}, this GPU is {device.compute_capability} "
             f"({device.gpu_name}): {REBUILD} on this device"
         )
+    other = other_gpu_model(manifest, device)
+    if other is not None and not allow_other_gpu_model:
+        problems.append(
+            f"engine {other} (same compute capability {device.compute_capability}): TensorRT advises against "
+            f"running engines across GPU models (its tactics were timed on the other one): {REBUILD} on this "
+            "device, or set inference.allow_other_gpu_model = true to run it anyway"
+        )
     if dla_core is not None and manifest.dla_core is None:
         problems.append(
             f"DLA core {dla_core} was requested but the engine was built for the GPU only: "
@@ -153,12 +183,14 @@ def incompatibilities(manifest: EngineManifest, device: DeviceInfo, *, dla_core:
 
 
 def advisories(manifest: EngineManifest, device: DeviceInfo) -> list[str]:
-    """Differences that do not stop the engine but deserve a log line (same architecture, other model)."""
+    """Differences that do not stop the engine but deserve a log line: another GPU model of the same compute
+    capability, when the station allows it (`incompatibilities` refuses it otherwise)."""
     notes: list[str] = []
-    if manifest.compute_capability == device.compute_capability and manifest.gpu_name != device.gpu_name:
+    other = other_gpu_model(manifest, device)
+    if other is not None:
         # TensorRT runs such an engine with a warning; tactics were timed on the other model, so speed may differ.
         notes.append(
-            f"engine built on {manifest.gpu_name}, running on {device.gpu_name} (same compute capability "
-            f"{device.compute_capability}): it runs, but may be slower than an engine built here ({REBUILD})"
+            f"engine {other} (same compute capability {device.compute_capability}), allowed by "
+            f"inference.allow_other_gpu_model: it runs, but may be slower than an engine built here ({REBUILD})"
         )
     return notes

@@ -85,9 +85,17 @@ def up_to_date(engine: Path, key: EngineKey) -> tuple[bool, str]:
     return True, ""
 
 
-def timing_cache_path(store: Path, tensorrt_version: str, compute_capability: str) -> Path:
-    """One timing cache per (TensorRT version, GPU): tactic timings do not carry over between them."""
-    return store / "timing-cache" / f"trt{tensorrt_version}-sm{compute_capability.replace('.', '')}.cache"
+def timing_cache_path(store: Path, tensorrt_version: str, compute_capability: str, gpu_name: str,
+                      gpu_multiprocessors: int | None = None) -> Path:
+    """One timing cache per (TensorRT version, GPU model): tactic timings do not carry over between them.
+
+    The compute capability alone does not name a model (AGX Orin, Orin NX and Orin Nano are all 8.7), so the
+    GPU's name and, when known, its multiprocessor count are part of the key.
+    """
+    gpu = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
+    size = f"-{gpu_multiprocessors}mp" if gpu_multiprocessors is not None else ""
+    name = f"trt{tensorrt_version}-sm{compute_capability.replace('.', '')}-{gpu}{size}.cache"
+    return store / "timing-cache" / name
 
 
 def list_engines(store: Path) -> list[tuple[Path, EngineManifest | None, str]]:

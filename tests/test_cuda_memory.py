@@ -2,21 +2,27 @@
 
 These need pycuda and an NVIDIA GPU, not TensorRT (tools/gpu_session/pycuda_check.sh runs them on a lent
 GPU machine); elsewhere they skip with the reason. The last tests run everywhere: they check the failure
-path of a machine without pycuda.
+path of a machine without pycuda, which CUDA errors are fatal, and the context bookkeeping against a small
+stand-in for pycuda's driver module that models its context stack (pycuda src/cpp/cuda.hpp).
 """
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
+from appliance import cuda_memory
 from appliance.cuda_memory import (
+    FATAL_CUDA_ERRORS,
     CudaContext,
+    CudaFatalError,
     CudaStream,
     CudaThreadError,
     DeviceBuffer,
@@ -24,6 +30,7 @@ from appliance.cuda_memory import (
     copy_dtoh_async,
     copy_htod_async,
     cuda_available,
+    fatal_cuda_error,
     live_resources,
 )
 from appliance.errors import GpuUnavailableError
@@ -222,6 +229,45 @@ def test_context_refuses_a_foreign_thread() -> None:
     assert context.closed
 
 
+def driver_context_stack_depth() -> int:
+    """How many contexts the CUDA driver holds on this thread's stack (popped one by one, then pushed back)."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    pop = getattr(lib, "cuCtxPopCurrent_v2", None) or lib.cuCtxPopCurrent
+    push = getattr(lib, "cuCtxPushCurrent_v2", None) or lib.cuCtxPushCurrent
+    popped = []
+    while True:
+        current = ctypes.c_void_p()
+        assert lib.cuCtxGetCurrent(ctypes.byref(current)) == 0
+        if not current.value:
+            break
+        assert pop(ctypes.byref(current)) == 0
+        popped.append(current.value)
+    for handle in reversed(popped):
+        assert push(ctypes.c_void_p(handle)) == 0
+    return len(popped)
+
+
+@pytest.mark.gpu
+def test_open_close_cycles_leave_the_context_stack_depth_unchanged() -> None:
+    require_gpu()
+
+    def cycles() -> tuple[int, int]:
+        before = driver_context_stack_depth()
+        for _ in range(5):  # the supervisor reopens the backend after every GPU loss
+            context = CudaContext(0)
+            with context.active():
+                buffer = DeviceBuffer(64)
+                buffer.free()
+            context.close()
+        return before, driver_context_stack_depth()
+
+    # a fresh thread (as the inference thread is) and the main thread
+    before, after = run_on_thread(cycles, "inference")
+    assert before == after == 0
+    before, after = cycles()
+    assert after == before
+
+
 @pytest.mark.gpu
 def test_free_twice_is_harmless(ctx: CudaContext) -> None:
     before = live_resources()
@@ -277,3 +323,159 @@ def test_cuda_available_says_why_not(without_pycuda: None) -> None:
 def test_resources_without_pycuda_raise_gpu_unavailable(without_pycuda: None, make: Callable[[], Any]) -> None:
     with pytest.raises(GpuUnavailableError, match="pycuda is not importable"):
         make()
+
+
+# --- everywhere: which CUDA errors end the process's use of the GPU ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "fatal"),
+    [
+        # pycuda: "<routine> failed: <cuGetErrorString>"
+        ("cuStreamSynchronize failed: an illegal memory access was encountered", "cudaErrorIllegalAddress (700)"),
+        ("cuMemcpyDtoHAsync failed: unspecified launch failure", "cudaErrorLaunchFailure (719)"),
+        # TensorRT's logger
+        ("IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (an illegal memory access was encountered)",
+         "cudaErrorIllegalAddress (700)"),
+        ("[defaultAllocator.cpp::deallocate::42] Error Code 1: Cuda Runtime (misaligned address)",
+         "cudaErrorMisalignedAddress (716)"),
+        ("CUDA error CUDA_ERROR_LAUNCH_FAILED in a kernel", "cudaErrorLaunchFailure (719)"),
+        ("cudaErrorIllegalInstruction", "cudaErrorIllegalInstruction (715)"),
+        # recoverable: the next try in the same process may work
+        ("cuMemAlloc failed: out of memory", None),
+        ("cuLaunchKernel failed: too many resources requested for launch", None),
+        ("cuInit failed: no CUDA-capable device is detected", None),
+        ("explicit_context_dependent failed: invalid device context", None),
+        ("TensorRT execution failed: no error logged", None),
+    ],
+)
+def test_fatal_cuda_errors_are_told_from_recoverable_ones(message: str, fatal: str | None) -> None:
+    assert fatal_cuda_error(message) == fatal
+
+
+def test_the_fatal_list_holds_the_codes_named_by_the_review() -> None:
+    assert FATAL_CUDA_ERRORS[700][0] == "cudaErrorIllegalAddress"
+    assert FATAL_CUDA_ERRORS[719][:2] == ("cudaErrorLaunchFailure", "CUDA_ERROR_LAUNCH_FAILED")
+    assert 2 not in FATAL_CUDA_ERRORS  # cudaErrorMemoryAllocation: recoverable
+
+
+class FakeDriver(types.ModuleType):
+    """pycuda.driver as far as these tests reach: the device, errors, streams, and the primary context with
+    pycuda's stack semantics (a per-thread pycuda stack mirrored on the driver's, and `detach()` of a primary
+    context that pushes it and releases it without popping when it is not current)."""
+
+    class Error(Exception):
+        pass
+
+    class LaunchError(Error):
+        pass
+
+    device_attribute = types.SimpleNamespace(MULTIPROCESSOR_COUNT="MULTIPROCESSOR_COUNT")
+
+    def __init__(self) -> None:
+        super().__init__("pycuda.driver")
+        self.driver_stack: list[object] = []  # what cuCtxGetCurrent sees (one thread in these tests)
+        self.pycuda_stack: list[object] = []
+        self.retains = self.detaches = 0
+        self.stream_error: Exception | None = None
+        driver = self
+
+        class Context:
+            def push(self) -> None:
+                if driver.pycuda_stack:  # prepare_context_switch
+                    driver.driver_stack.pop()
+                driver.driver_stack.append(self)
+                driver.pycuda_stack.append(self)
+
+            def detach(self) -> None:
+                driver.detaches += 1
+                if not (driver.pycuda_stack and driver.pycuda_stack[-1] is self):
+                    driver.driver_stack.append(self)  # cuCtxPushCurrent, then cuDevicePrimaryCtxRelease
+
+            @staticmethod
+            def get_current() -> object | None:
+                return driver.pycuda_stack[-1] if driver.pycuda_stack else None
+
+            @staticmethod
+            def pop() -> None:
+                driver.driver_stack.pop()
+                driver.pycuda_stack.pop()
+                if driver.pycuda_stack:
+                    driver.driver_stack.append(driver.pycuda_stack[-1])
+
+        class Device:
+            def __init__(self, index: int) -> None:
+                self.index = index
+
+            @staticmethod
+            def count() -> int:
+                return 1
+
+            def name(self) -> str:
+                return "Orin"
+
+            def compute_capability(self) -> tuple[int, int]:
+                return 8, 7
+
+            def get_attribute(self, attribute: str) -> int:
+                return 16
+
+            def retain_primary_context(self) -> Context:
+                driver.retains += 1
+                return Context()
+
+        class Stream:
+            handle = 1234
+
+            def synchronize(self) -> None:
+                if driver.stream_error is not None:
+                    raise driver.stream_error
+
+        self.Context, self.Device, self.Stream = Context, Device, Stream
+
+    def init(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_driver(monkeypatch: pytest.MonkeyPatch) -> FakeDriver:
+    driver = FakeDriver()
+    package = types.ModuleType("pycuda")
+    package.driver = driver  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pycuda", package)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    monkeypatch.setattr(cuda_memory, "_primary", {})
+    return driver
+
+
+def test_the_primary_context_is_retained_once_and_every_cycle_pops_what_it_pushed(fake_driver: FakeDriver) -> None:
+    for _ in range(5):
+        context = CudaContext(0)
+        with context.active():
+            assert fake_driver.driver_stack == [fake_driver.pycuda_stack[-1]]
+        context.push()  # a push left open is popped by close()
+        context.close()
+        assert fake_driver.driver_stack == [] and fake_driver.pycuda_stack == []
+    # retained once for the process and never detached: pycuda's detach of a primary context would leave it on
+    # the driver's stack, one entry per backend reopened after a GPU loss
+    assert fake_driver.retains == 1 and fake_driver.detaches == 0
+
+
+def test_a_fatal_cuda_error_is_a_cuda_fatal_error_a_recoverable_one_is_not(fake_driver: FakeDriver) -> None:
+    stream = CudaStream()
+    try:
+        fake_driver.stream_error = FakeDriver.LaunchError("cuStreamSynchronize failed: unspecified launch failure")
+        fatal = r"stream synchronize failed.*\[fatal: cudaErrorLaunchFailure \(719\)\]"
+        with pytest.raises(CudaFatalError, match=fatal):
+            stream.synchronize()
+        # same pycuda class, recoverable code: the GPU may be retried in this process
+        fake_driver.stream_error = FakeDriver.LaunchError("cuLaunchKernel failed: too many resources requested")
+        with pytest.raises(GpuUnavailableError) as err:
+            stream.synchronize()
+        assert not isinstance(err.value, CudaFatalError)
+    finally:
+        stream.free()
+
+
+def test_the_multiprocessor_count_is_read_from_the_device(fake_driver: FakeDriver) -> None:
+    assert cuda_memory.device_multiprocessors(0) == 16

@@ -2,7 +2,8 @@
 
 Marked `gpu`: they need TensorRT (JetPack's python3-libnvinfer), pycuda and an NVIDIA GPU, and skip with
 that reason elsewhere. What does not need TensorRT (plans, keys, staleness, the validator, the error without
-TensorRT) is tested in test_engine_plan.py.
+TensorRT) is tested in test_engine_plan.py; the logic around TensorRT's calls (flags, timing cache, DLA
+placement) with a stand-in for TensorRT in test_engine_build_logic.py.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from engines.__main__ import main
 from engines.manifest import load_manifest, manifest_path
 
 pytestmark = pytest.mark.gpu
-
-
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "fp32"])
@@ -77,3 +76,21 @@ def test_a_failed_validation_installs_nothing(trt: ModuleType, bundle_dir: Path,
     assert not list(store.glob("*.engine")) and not list(store.glob("*.candidate*"))
     report = json.loads(next(store.glob("*.rejected.json")).read_text())
     assert report["validation"]["passed"] is False
+
+
+def test_a_dla_build_reports_where_its_layers_run(trt: ModuleType, bundle_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]):
+    if int(trt.Builder(trt.Logger(trt.Logger.WARNING)).num_DLA_cores) == 0:
+        pytest.skip("needs a DLA (Jetson AGX Orin or Xavier)")
+    store = tmp_path / "store"
+    assert main(["build", "--bundle", str(bundle_dir), "--precision", "fp16", "--store", str(store),
+                 "--dla-core", "0", "--dla-min-share", "0"]) == 0
+    assert "DLA placement:" in capsys.readouterr().out
+    placement = load_manifest(manifest_path(next(store.glob("*-dla0.engine")))).build_options["dla_placement"]
+    assert placement["dla_layers"] and 0.0 < placement["share"] <= 1.0
+    if placement["share"] < 1.0:
+        # a minimum above what TensorRT placed on the DLA fails the build and installs nothing
+        other = tmp_path / "other"
+        assert main(["build", "--bundle", str(bundle_dir), "--precision", "fp16", "--store", str(other),
+                     "--dla-core", "0", "--dla-min-share", "1"]) == 9
+        assert not list(other.glob("*.engine"))

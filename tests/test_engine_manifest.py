@@ -152,12 +152,36 @@ def test_dla_engine_runs_with_its_own_or_another_core() -> None:
     assert incompatibilities(orin_manifest(dla_core=0), ORIN, dla_core=1) == []
 
 
-def test_same_architecture_other_model_is_only_an_advisory() -> None:
-    # Orin AGX and Orin Nano share compute capability 8.7: TensorRT loads the engine, tuned for the other one.
+def test_same_compute_capability_other_gpu_model_is_refused_unless_allowed() -> None:
+    # Orin AGX and Orin Nano share compute capability 8.7: TensorRT loads the engine only with a warning, its
+    # tactics timed on the other model.
     nano = ORIN.model_copy(update={"gpu_name": "Orin Nano"})
-    assert incompatibilities(orin_manifest(), nano) == []
+    [problem] = incompatibilities(orin_manifest(), nano)
+    assert "built on Orin, this GPU is Orin Nano (same compute capability 8.7)" in problem
+    assert "make engine" in problem and "inference.allow_other_gpu_model = true" in problem
+    # allowed by the station's setting: it runs, with a log line saying what it costs
+    assert incompatibilities(orin_manifest(), nano, allow_other_gpu_model=True) == []
     [note] = advisories(orin_manifest(), nano)
-    assert "Orin Nano" in note and "make engine" in note
+    assert "Orin Nano" in note and "allow_other_gpu_model" in note and "make engine" in note
+
+
+def test_same_name_other_multiprocessor_count_is_another_gpu_model() -> None:
+    # On a Jetson every Orin's CUDA name is "Orin": the multiprocessor count tells an AGX (16) from an NX (8).
+    agx_engine = orin_manifest(gpu_multiprocessors=16)
+    nx = ORIN.model_copy(update={"gpu_multiprocessors": 8})
+    [problem] = incompatibilities(agx_engine, nx)
+    assert "Orin with 16 multiprocessors, this one has 8" in problem
+    assert incompatibilities(agx_engine, ORIN.model_copy(update={"gpu_multiprocessors": 16})) == []
+    # a manifest from before the count was recorded, or a device that did not say: the name decides
+    assert incompatibilities(orin_manifest(), nx) == []
+    assert incompatibilities(agx_engine, ORIN) == []
+
+
+def test_other_gpu_model_is_not_reported_across_compute_capabilities_twice() -> None:
+    h100 = DeviceInfo(tensorrt_version="10.3.0", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    [problem] = incompatibilities(orin_manifest(), h100, allow_other_gpu_model=True)
+    assert "compute capability 8.7 (Orin), this GPU is 9.0" in problem
+    assert advisories(orin_manifest(), h100) == []
 
 
 def test_device_info_rejects_a_malformed_compute_capability() -> None:

@@ -17,15 +17,15 @@ from appliance.ort_backend import OnnxRuntimeBackend
 from engines.manifest import EngineManifest, manifest_path, write_manifest
 from engines.plan import BuildRequest, PlanError, dla_supported, parse_version, plan_build
 from engines.store import EngineKey, timing_cache_path, up_to_date
-from engines.validate import compare, validate
+from engines.validate import FP16_RELATIVE, compare, fp16_tolerance, validate
 
 
 @pytest.mark.parametrize(
     ("version", "precision", "role", "strong", "flags", "explicit"),
     [
         ("8.5.2.2", "fp16", "onnx_fp32", False, ("FP16",), True),       # JetPack 5.1
-        ("8.6.2", "int8", "onnx_int8", False, ("INT8", "FP16"), True),
-        ("10.3.0.30", "fp16", "onnx_fp32", False, ("FP16",), False),    # JetPack 6.0/6.1
+        ("8.6.2", "int8", "onnx_int8", False, ("INT8", "FP16"), True),  # JetPack 6.0
+        ("10.3.0.30", "fp16", "onnx_fp32", False, ("FP16",), False),    # JetPack 6.1/6.2
         ("10.3.0", "int8", "onnx_int8", False, ("INT8", "FP16"), False),
         ("10.3.0", "fp32", "onnx_fp32", False, (), False),
         ("10.12.0.36", "fp16", "onnx_fp16", True, (), False),            # strongly typed from 10.12
@@ -48,11 +48,56 @@ def test_max_batch_gives_an_optimization_profile_and_workspace_is_in_bytes():
     assert plan.as_options()["batch_profile"] == [1, 8, 8]
 
 
+AGX_ORIN = "NVIDIA Jetson AGX Orin Developer Kit"
+
+
 def test_dla_plan_adds_gpu_fallback_and_checks_the_device():
     plan = plan_build("10.3.0", BuildRequest("int8", dla_core=1), dla_cores=2)
     assert plan.dla_core == 1 and plan.builder_flags == ("INT8", "FP16", "GPU_FALLBACK")
-    strong = plan_build("11.4.1", BuildRequest("fp16", dla_core=0), dla_cores=2)
+    assert plan.parser_flags == () and plan.dla_min_share == 0.5
+    strong = plan_build("11.4.1", BuildRequest("fp16", dla_core=0), dla_cores=2, jetson_model=AGX_ORIN)
     assert strong.builder_flags == ("GPU_FALLBACK",) and strong.onnx_role == "onnx_fp16"
+
+
+@pytest.mark.parametrize("version", ["8.5.2", "8.6.2", "10.3.0", "10.12.0", "11.4.1"])
+def test_fp32_means_fp32_the_tf32_flag_is_cleared(version):
+    # TF32 is on by default in TensorRT: FP32 layers would round their inputs to 10-bit mantissas on Orin.
+    plan = plan_build(version, BuildRequest("fp32"))
+    assert plan.cleared_builder_flags == ("TF32",) and "TF32" not in plan.builder_flags
+    assert plan.as_options()["cleared_builder_flags"] == ["TF32"]
+    for precision in ("fp16", "int8"):
+        assert plan_build(version, BuildRequest(precision)).cleared_builder_flags == ()
+
+
+@pytest.mark.parametrize("version", ["8.5.2.2", "8.6.2"])
+def test_int8_on_the_dla_is_refused_on_tensorrt_8_because_qdq_would_silently_run_on_the_gpu(version):
+    with pytest.raises(PlanError, match=r"explicitly quantized \(Q/DQ\).*silently run on the GPU") as err:
+        plan_build(version, BuildRequest("int8", dla_core=0), dla_cores=2)
+    assert "fp16 for the DLA" in str(err.value)
+    # the ways out the message names are plans that exist
+    assert plan_build(version, BuildRequest("fp16", dla_core=0), dla_cores=2).dla_core == 0
+    assert plan_build(version, BuildRequest("int8"), dla_cores=2).dla_core is None
+
+
+def test_dla_on_tensorrt_11_4_1_is_agx_orin_only_strongly_typed_with_the_parser_adjusting_for_dla():
+    plan = plan_build("11.4.1", BuildRequest("int8", dla_core=1), dla_cores=2, jetson_model=AGX_ORIN)
+    assert plan.strongly_typed and plan.parser_flags == ("ADJUST_FOR_DLA",)
+    assert plan.builder_flags == ("GPU_FALLBACK",) and plan.onnx_role == "onnx_int8"
+    for model in ("NVIDIA Jetson Orin NX Engineering Reference Developer Kit", "NVIDIA Jetson AGX Thor", None):
+        with pytest.raises(PlanError, match="only on Jetson AGX Orin"):
+            plan_build("11.4.1", BuildRequest("fp16", dla_core=0), dla_cores=2, jetson_model=model)
+    # GPU builds need no particular board, and earlier TensorRT versions no parser flag
+    assert plan_build("11.4.1", BuildRequest("fp16"), jetson_model=None).parser_flags == ()
+    assert plan_build("10.3.0", BuildRequest("fp16", dla_core=0), dla_cores=2).parser_flags == ()
+
+
+def test_the_minimum_dla_share_is_part_of_a_dla_plan_only():
+    assert plan_build("10.3.0", BuildRequest("fp16", dla_core=0, dla_min_share=0.8), dla_cores=2).dla_min_share == 0.8
+    assert plan_build("10.3.0", BuildRequest("fp16")).dla_min_share is None
+    with pytest.raises(PlanError, match="only applies to a DLA build"):
+        plan_build("10.3.0", BuildRequest("fp16", dla_min_share=0.5))
+    with pytest.raises(PlanError, match="between 0 and 1"):
+        plan_build("10.3.0", BuildRequest("fp16", dla_core=0, dla_min_share=1.5), dla_cores=2)
 
 
 @pytest.mark.parametrize(
@@ -147,9 +192,16 @@ def test_missing_changed_or_failed_engines_are_stale(tmp_path: Path):
     assert "manifest" in up_to_date(failed, _key())[1]
 
 
-def test_timing_cache_is_per_tensorrt_version_and_gpu(tmp_path: Path):
-    a = timing_cache_path(tmp_path, "10.3.0", "8.7")
-    assert a.name == "trt10.3.0-sm87.cache" and a != timing_cache_path(tmp_path, "10.3.0", "7.2")
+def test_timing_cache_is_per_tensorrt_version_and_gpu_model(tmp_path: Path):
+    agx = timing_cache_path(tmp_path, "10.3.0", "8.7", "Orin", 16)
+    assert agx == tmp_path / "timing-cache" / "trt10.3.0-sm87-orin-16mp.cache"
+    # AGX Orin, Orin NX and Orin Nano share compute capability 8.7 (and, on a Jetson, the CUDA name "Orin")
+    assert agx != timing_cache_path(tmp_path, "10.3.0", "8.7", "Orin", 8)
+    assert agx != timing_cache_path(tmp_path, "10.3.0", "7.2", "Orin", 16)
+    assert agx != timing_cache_path(tmp_path, "10.4.0", "8.7", "Orin", 16)
+    ada = timing_cache_path(tmp_path, "10.3.0", "8.9", "NVIDIA GeForce RTX 4090")
+    assert ada.name == "trt10.3.0-sm89-nvidia-geforce-rtx-4090.cache"
+    assert ada != timing_cache_path(tmp_path, "10.3.0", "8.9", "NVIDIA L4")
 
 
 # --- the golden-set validator -------------------------------------------------------------------------------
@@ -173,11 +225,39 @@ def test_onnx_runtime_against_its_own_golden_logits_passes(bundle_dir: Path):
 def test_perturbed_outputs_fail_with_the_reason(bundle_dir: Path):
     bundle = load_bundle(bundle_dir)
     ort = OnnxRuntimeBackend(bundle.path("onnx_fp32"), threads=1)
-    nudged = validate(lambda x: ort.infer(x) + 0.05, bundle, "fp16")
+    nudged = validate(lambda x: ort.infer(x) + 0.05, bundle, "fp32")
     assert not nudged.passed and "differ by more than atol=rtol=0.005" in nudged.problems[0]
     assert "FAILED" in nudged.summary()
-    tiny = validate(lambda x: ort.infer(x) + 1e-4, bundle, "fp16")
+    tiny = validate(lambda x: ort.infer(x) + 1e-4, bundle, "fp32")
     assert tiny.passed  # within tolerance
+    far = validate(lambda x: ort.infer(x) * 1.5 + 0.5, bundle, "fp16")
+    assert not far.passed and "of the image's logit magnitude" in far.problems[0]
+
+
+def test_fp16_tolerance_comes_from_fp16_precision_relative_to_the_logit_magnitude():
+    # FP16 keeps 11 significant bits: u = 2^-11; 64 roundings on the way to the logits: 2^-5 of their magnitude.
+    assert FP16_RELATIVE == 64 * 2.0**-11 == 2.0**-5
+    reference = np.array([[8.0, -8.0]] * 50 + [[-8.0, 8.0]] * 50)  # magnitude 8: 0.25 allowed
+    sound = compare(reference, reference + 0.2, "fp16", threshold=0.5, defect_index=1)
+    assert sound.passed  # FP32's 5e-3 would have failed a sound FP16 engine here
+    assert not compare(reference, reference + 0.2, "fp32", threshold=0.5, defect_index=1).passed
+    off = compare(reference, reference + 0.3, "fp16", threshold=0.5, defect_index=1)
+    assert not off.passed and "0.0312 of the image's logit magnitude" in off.problems[0]
+    # small logits are held to 2^-5 absolute (a magnitude of at least 1), not to a vanishing tolerance
+    small = np.array([[0.01, -0.01]] * 4)
+    assert np.allclose(fp16_tolerance(small), 2.0**-5)
+    assert compare(small, small + 0.03, "fp16", 0.5, 1).passed
+    assert not compare(small, small + 0.04, "fp16", 0.5, 1).passed
+
+
+def test_fp16_engines_must_also_agree_on_decisions():
+    # logits within FP16's tolerance everywhere, but sitting on the threshold: 2 of 100 decisions flip
+    reference = np.array([[0.0, 0.01]] * 100)
+    candidate = reference.copy()
+    candidate[:2] = [[0.0, -0.01]] * 2
+    result = compare(reference, candidate, "fp16", threshold=0.5, defect_index=1)
+    assert result.max_abs_diff <= 2.0**-5
+    assert not result.passed and "decisions agree on 98.0%" in result.problems[0]
 
 
 def test_int8_is_judged_by_decision_agreement():
@@ -254,3 +334,12 @@ def test_plan_command_prints_the_plan_and_refuses_impossible_requests(capsys: py
     assert _json.loads(capsys.readouterr().out)["builder_flags"] == ["INT8", "FP16"]
     assert main(["plan", "--tensorrt-version", "10.3.0", "--dla-core", "0"]) == 2
     assert "has no DLA" in capsys.readouterr().err
+    assert main(["plan", "--tensorrt-version", "8.6.2", "--precision", "int8", "--dla-core", "0",
+                 "--dla-cores", "2"]) == 2
+    assert "Q/DQ" in capsys.readouterr().err
+    assert main(["plan", "--tensorrt-version", "11.4.1", "--dla-core", "0", "--dla-cores", "2", "--dla-min-share",
+                 "0.9", "--jetson-model", "NVIDIA Jetson AGX Orin Developer Kit"]) == 0
+    plan = _json.loads(capsys.readouterr().out)
+    assert plan["parser_flags"] == ["ADJUST_FOR_DLA"] and plan["dla_min_share"] == 0.9
+    assert main(["plan", "--tensorrt-version", "10.3.0", "--precision", "fp32"]) == 0
+    assert _json.loads(capsys.readouterr().out)["cleared_builder_flags"] == ["TF32"]

@@ -96,12 +96,19 @@ def test_shadow_mode_records_the_ai_and_sends_every_part_to_a_human(tmp_path: Pa
         assert r.mode == "shadow"
 
 
+RECOVERABLE = "CUDA device-to-host copy failed: MemoryError: cuMemcpyDtoHAsync failed: out of memory (injected)"
+FATAL = ("TensorRT execution failed: IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (an illegal memory "
+         "access was encountered) (injected)")
+
+
 class DiesOnCall:
     """Wraps the real backend; raises the way a lost GPU does from call `fail_at` on (fault injection)."""
 
-    def __init__(self, backend: OnnxRuntimeBackend, fail_at: int, name: str = "tensorrt") -> None:
+    def __init__(self, backend: OnnxRuntimeBackend, fail_at: int, name: str = "tensorrt",
+                 error: str = RECOVERABLE) -> None:
         self._inner, self._fail_at, self._calls = backend, fail_at, 0
         self.name, self.model_id, self.slots = name, backend.model_id, backend.slots
+        self._error = error
 
     def input_buffer(self, slot: int):
         return self._inner.input_buffer(slot)
@@ -109,7 +116,7 @@ class DiesOnCall:
     def run(self, slot: int):
         self._calls += 1
         if self._calls >= self._fail_at:
-            raise GpuUnavailableError("CUDA error: an illegal memory access was encountered (injected)")
+            raise GpuUnavailableError(self._error)
         return self._inner.run(slot)
 
     def close(self) -> None:
@@ -154,11 +161,117 @@ def test_gpu_lost_mid_run_goes_to_manual_within_one_part_and_comes_back(tmp_path
     # parts 1-2 by the "GPU", part 3 fails on it and still gets a verdict: manual, with the reason
     assert [r.backend for r in records[:2]] == ["tensorrt", "tensorrt"]
     assert records[2].verdict == "manual_required" and records[2].mode == "manual_fallback"
-    assert "illegal memory access" in records[2].reason
+    assert "out of memory" in records[2].reason
     # ... and the station returns to production by itself once the GPU works again
     assert records[-1].mode == "production" and records[-1].backend == "tensorrt"
     kinds = [k for _, k, _ in results.events()]
     assert kinds[:2] == ["gpu_lost", "manual_fallback"] and "gpu_back" in kinds
+
+
+def test_a_fatal_cuda_error_gives_the_part_to_the_fallback_then_stops_for_a_restart(tmp_path: Path,
+                                                                                     bundle_dir: Path):
+    from appliance.bundle import load_bundle
+
+    onnx = load_bundle(bundle_dir).path("onnx_fp32")
+    opened = []
+
+    def primary():
+        opened.append(1)
+        return DiesOnCall(OnnxRuntimeBackend(onnx, slots=3, model_id="m"), fail_at=3, error=FATAL)
+
+    results = ResultsLog(tmp_path / "r.sqlite3")
+    # retries would come at once (retry_s=0): after a fatal error there must be none
+    pipeline = _pipeline_with(tmp_path, bundle_dir, 40, primary, lambda: OnnxRuntimeBackend(onnx, slots=3,
+                                                                                            model_id="cpu"), results)
+    _run(pipeline)
+    records = list(results.inspections())
+    # parts 1-2 on the GPU; part 3 hits the illegal address and still gets its verdict, from the CPU fallback
+    assert [r.backend for r in records[:3]] == ["tensorrt", "tensorrt", "onnxruntime"]
+    assert records[2].verdict in ("pass", "fail", "manual_required") and records[2].score is not None
+    # then capture stopped (the parts already captured finished on the CPU) and the GPU was never retried
+    assert 3 <= len(records) < 40 and {r.backend for r in records[2:]} == {"onnxruntime"}
+    assert len(opened) == 1
+    assert pipeline.fatal is not None and "cudaErrorIllegalAddress (700)" in pipeline.fatal
+    assert pipeline.last_error == pipeline.fatal  # what the heartbeat shows
+    events = [(kind, detail) for _, kind, detail in results.events()]
+    assert [kind for kind, _ in events][:3] == ["gpu_lost", "cpu_fallback", "cuda_fatal"]
+    fatal = events[2][1]
+    assert fatal["exit_code"] == 11 and fatal["error"] == "cudaErrorIllegalAddress (700)"
+    assert "illegal memory access" in fatal["reason"] and "gpu_back" not in [kind for kind, _ in events]
+
+
+def test_a_fatal_cuda_error_without_a_fallback_sends_the_part_to_a_human_then_stops(tmp_path: Path,
+                                                                                    bundle_dir: Path):
+    from appliance.bundle import load_bundle
+
+    onnx = load_bundle(bundle_dir).path("onnx_fp32")
+    results = ResultsLog(tmp_path / "r.sqlite3")
+    pipeline = _pipeline_with(tmp_path, bundle_dir, 40, lambda: DiesOnCall(
+        OnnxRuntimeBackend(onnx, slots=3, model_id="m"), fail_at=2, error=FATAL), None, results)
+    _run(pipeline)
+    records = list(results.inspections())
+    assert records[0].backend == "tensorrt"
+    assert records[1].verdict == "manual_required" and "illegal memory access" in records[1].reason
+    assert len(records) < 40 and pipeline.fatal is not None
+    assert [k for _, k, _ in results.events()][:3] == ["gpu_lost", "manual_fallback", "cuda_fatal"]
+
+
+def test_run_exits_11_after_a_fatal_cuda_error_with_the_reason_in_the_last_heartbeat_and_event(
+        tmp_path: Path, bundle_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    from mqtt_helpers import Subscriber, station_settings
+
+    from appliance import runtime
+    from appliance.threads import EXIT_CUDA_FATAL, EXIT_THREAD_FAILED
+    from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto
+
+    assert EXIT_CUDA_FATAL == 11 and EXIT_CUDA_FATAL != EXIT_THREAD_FAILED
+    if find_mosquitto() is None:
+        pytest.skip(f"mosquitto not installed: {MOSQUITTO_HINT}")
+
+    def supervisor_factory(settings, bundle):
+        onnx = bundle.path("onnx_fp32")
+
+        def build(on_event):
+            return BackendSupervisor(
+                lambda: DiesOnCall(OnnxRuntimeBackend(onnx, slots=3, model_id="m"), fail_at=5, error=FATAL),
+                "tensorrt", lambda: OnnxRuntimeBackend(onnx, slots=3, model_id="cpu"), on_event)
+
+        return build
+
+    monkeypatch.setattr(runtime, "supervisor_factory", supervisor_factory)
+    broker = MosquittoBroker(tmp_path / "broker").start()
+    control_room = Subscriber(broker.port)
+    try:
+        settings = station_settings(tmp_path, bundle_dir, broker.port, trigger={"mode": "continuous"},
+                                    inference={"backend": "tensorrt", "cpu_fallback": True})
+        # a healthy station would run the whole 60 s
+        assert runtime.run(settings, max_seconds=60) == EXIT_CUDA_FATAL
+        assert control_room.wait_for(lambda: any(m.payload.get("kind") == "cuda_fatal"
+                                                 for m in control_room.of("event")), 10)
+        fatal = next(m.payload["detail"] for m in control_room.of("event") if m.payload["kind"] == "cuda_fatal")
+        assert fatal["exit_code"] == 11 and fatal["error"] == "cudaErrorIllegalAddress (700)"
+        # the last heartbeat, sent on the way out, names the reason
+        assert control_room.wait_for(lambda: bool(control_room.of("health")), 10)
+        last = control_room.of("health")[-1].payload
+        assert "fatal CUDA error cudaErrorIllegalAddress (700)" in last["last_error"]
+        log = ResultsLog(settings.storage.data_dir / "results.sqlite3")
+        try:
+            assert any(kind == "cuda_fatal" for _, kind, _ in log.events())
+        finally:
+            log.close()
+    finally:
+        control_room.close()
+        broker.stop()
+
+
+def test_the_systemd_unit_restarts_on_the_fatal_cuda_exit_code():
+    from appliance.threads import EXIT_CUDA_FATAL
+
+    unit = (Path(__file__).resolve().parents[1] / "provisioning" / "templates" / "appliance.service.in").read_text()
+    # on-failure restarts on any non-zero exit code; a RestartPreventExitStatus naming 11 would defeat it
+    assert "Restart=on-failure" in unit and f"RestartPreventExitStatus={EXIT_CUDA_FATAL}" not in unit
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "11 a fatal CUDA error (restart needed)" in readme
 
 
 def test_engines_of_each_precision_get_their_operating_point_and_station_overrides_win(tmp_path: Path,

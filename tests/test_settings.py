@@ -114,3 +114,28 @@ def test_check_config_names_a_missing_tls_or_password_file(tmp_path: Path, capsy
 def test_check_config_shows_the_broker_and_topic_prefix(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["check-config", str(_write(tmp_path, GOOD))]) == 0
     assert "mqtt://broker.plant:8883 as st-07  topics inspection/plant-a/l3/st-07/..." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key", ["camera.max_pixels", "storage.pending_max", "mqtt.max_command_bytes",
+                                 "mqtt.heartbeat_s", "inference.threads"])
+def test_true_or_false_in_a_number_setting_is_an_error_not_one_or_zero(tmp_path: Path, key: str):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=rf"{key} = True: .*a number is expected here, not true/false"):
+        load_settings(_write(tmp_path, f"[{section}]\n{name} = true\n"))
+
+
+def test_a_bad_value_from_the_environment_names_the_variable_not_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("APPLIANCE_STORAGE__PENDING_MAX", "abc")
+    path = _write(tmp_path, GOOD + '[storage]\npending_max = 20\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert "environment APPLIANCE_STORAGE__PENDING_MAX: storage.pending_max = 'abc'" in str(info.value)
+    assert f"{path}: storage.pending_max" not in str(info.value)
+
+
+def test_the_new_bounds_are_enforced(tmp_path: Path):
+    for text, key in (("[storage]\npending_max = 9\n", "storage.pending_max"),
+                      ("[mqtt]\nmax_command_bytes = 100\n", "mqtt.max_command_bytes")):
+        with pytest.raises(ConfigError, match=key):
+            load_settings(_write(tmp_path, text))

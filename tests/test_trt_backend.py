@@ -21,7 +21,9 @@ from appliance.backend import InferenceBackend
 from appliance.cuda_memory import CudaThreadError, live_resources
 from appliance.errors import GpuUnavailableError
 from appliance.trt_backend import TensorRTBackend, device_info
+from engines.build import network_creation_flags
 from engines.manifest import DeviceInfo, EngineManifest, manifest_path, write_manifest
+from engines.plan import BuildRequest, plan_build
 
 ORIN = DeviceInfo(tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7")
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +43,7 @@ def write_engine(folder: Path, blob: bytes, device: DeviceInfo = ORIN, **overrid
         l4t_version=None,
         gpu_name=device.gpu_name,
         compute_capability=device.compute_capability,
+        gpu_multiprocessors=device.gpu_multiprocessors,
         dla_core=None,
         build_options={},
         built_utc="2026-11-20T10:00:00Z",
@@ -142,6 +145,48 @@ def test_engine_replaced_after_its_manifest_is_refused(tmp_path: Path, without_g
         TensorRTBackend(engine, device=ORIN)
 
 
+def test_engine_for_another_gpu_model_of_the_same_compute_capability_is_refused(
+    tmp_path: Path, without_gpu_stack: None
+) -> None:
+    # given an engine built on an AGX Orin (16 multiprocessors) and an Orin NX (8) with the same TensorRT
+    engine = write_engine(tmp_path, b"engine bytes", gpu_multiprocessors=16)
+    orin_nx = ORIN.model_copy(update={"gpu_multiprocessors": 8})
+    # then it is refused before TensorRT deserializes it, naming the setting that would allow it
+    with pytest.raises(GpuUnavailableError, match=r"inference\.allow_other_gpu_model = true") as err:
+        TensorRTBackend(engine, device=orin_nx)
+    assert "16 multiprocessors, this one has 8" in str(err.value)
+    # and with the setting, the next step is TensorRT itself (not installed here)
+    with pytest.raises(GpuUnavailableError, match="python3-libnvinfer"):
+        TensorRTBackend(engine, device=orin_nx, allow_other_gpu_model=True)
+
+
+def test_the_station_setting_reaches_the_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance import runtime
+    from appliance.settings import StationSettings
+
+    assert StationSettings().inference.allow_other_gpu_model is False  # refused unless a station says otherwise
+    seen: dict[str, object] = {}
+
+    class Recorder:
+        def __init__(self, engine: Path, **kwargs: object) -> None:
+            seen.update(kwargs)
+
+    monkeypatch.setattr("appliance.trt_backend.TensorRTBackend", Recorder)
+    monkeypatch.setattr("appliance.trt_backend.device_info", lambda: ORIN)
+    monkeypatch.setattr(runtime, "find_engine", lambda settings, bundle, device: tmp_path / "model.engine")
+    settings = StationSettings(inference={"backend": "tensorrt", "allow_other_gpu_model": True},
+                               mqtt={"enabled": False})
+    events: list[str] = []
+    supervisor = runtime.supervisor_factory(settings, bundle=_NoFallbackBundle())(lambda kind, d: events.append(kind))
+    supervisor.start()
+    assert seen["allow_other_gpu_model"] is True and supervisor.on_primary and events == []
+
+
+class _NoFallbackBundle:
+    def has(self, role: str) -> bool:
+        return False
+
+
 def test_dla_core_for_a_gpu_engine_is_refused_before_tensorrt_is_touched(
     tmp_path: Path, without_gpu_stack: None
 ) -> None:
@@ -172,13 +217,14 @@ def reference_logits(frame: np.ndarray) -> np.ndarray:
     return frame.mean(axis=(2, 3)) @ WEIGHTS
 
 
-
-
 def build_tiny_engine(trt: ModuleType, dynamic_batch: bool) -> bytes:
     """image (N, 3, 8, 8) -> mean over H, W -> matmul WEIGHTS -> logits (N, 2), built on this GPU."""
+    # The plan's rules for this TensorRT: EXPLICIT_BATCH on 8.x (JetPack 5.1: 8.5, JetPack 6.0: 8.6), where
+    # flags 0 would make an implicit-batch network; FP32 with TF32 cleared, so the 1e-4 comparisons hold.
+    plan = plan_build(str(trt.__version__), BuildRequest("fp32"))
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(network_creation_flags(trt, plan))
     image = network.add_input("image", trt.float32, (-1 if dynamic_batch else 1, 3, 8, 8))
     pooled = network.add_reduce(image, trt.ReduceOperation.AVG, (1 << 2) | (1 << 3), False)
     weights = network.add_constant(WEIGHTS.shape, trt.Weights(WEIGHTS))
@@ -189,6 +235,8 @@ def build_tiny_engine(trt: ModuleType, dynamic_batch: bool) -> bytes:
     network.mark_output(logits)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 26)
+    for flag in plan.cleared_builder_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
     if dynamic_batch:
         profile = builder.create_optimization_profile()
         profile.set_shape("image", (1, 3, 8, 8), (1, 3, 8, 8), (4, 3, 8, 8))
@@ -315,3 +363,15 @@ def test_stale_engine_is_refused_on_the_real_device(engines: dict[str, Path], tm
     engine = write_engine(tmp_path, blob, device=device_info(), tensorrt_version="8.6.2")
     with pytest.raises(GpuUnavailableError, match=r"engine built with TensorRT 8\.6\.2"):
         TensorRTBackend(engine)
+
+
+@pytest.mark.gpu
+def test_engine_from_another_gpu_model_is_refused_on_the_real_device(engines: dict[str, Path], tmp_path: Path) -> None:
+    here = device_info()
+    blob = engines["static"].read_bytes()
+    engine = write_engine(tmp_path, blob, device=here, gpu_name=f"not {here.gpu_name}")
+    with pytest.raises(GpuUnavailableError, match="allow_other_gpu_model"):
+        TensorRTBackend(engine)
+    with TensorRTBackend(engine, allow_other_gpu_model=True) as allowed:
+        np.copyto(allowed.input_buffer(0), frame(5))
+        np.testing.assert_allclose(allowed.run(0), reference_logits(frame(5)), rtol=1e-4, atol=1e-5)

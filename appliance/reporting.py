@@ -57,7 +57,7 @@ log = logging.getLogger("appliance.reporting")
 
 BOOT_ID = uuid.uuid4().hex  # one per process: a birth with a new boot id means the station restarted
 _SEEN_COMMANDS = 1024  # message ids remembered for de-duplication
-_BACKEND_EVENTS = frozenset({"gpu_lost", "gpu_back", "cpu_fallback", "backend_failed"})
+_BACKEND_EVENTS = frozenset({"gpu_lost", "gpu_back", "cpu_fallback", "backend_failed", "backend_back"})
 _URGENT_EVENTS = frozenset({"storage_fault", "storage_recovered", "storage_repaired", "thread_failed"})
 
 

@@ -20,9 +20,22 @@ def test_verdict_by_score(score: float, verdict: Verdict):
     assert decide(score, OP) is verdict
 
 
-def test_zero_width_band_fails_at_threshold_and_above():
+@pytest.mark.parametrize("op", [OP, OperatingPoint(0.5, 0.4, 0.5), OperatingPoint(0.5, 0.5, 0.6)])
+def test_a_score_equal_to_the_threshold_is_inside_the_band_so_a_human_decides(op: OperatingPoint):
+    # The band always contains the threshold (the operating point refuses otherwise) and is checked first.
+    assert decide(op.threshold, op) is Verdict.MANUAL
+
+
+def test_zero_width_band_sends_only_the_threshold_score_to_a_human_fails_above_and_passes_below():
     op = OperatingPoint(0.3, 0.3, 0.3)
-    assert decide(0.31, op) is Verdict.FAIL and decide(0.29, op) is Verdict.PASS
+    assert decide(0.3, op) is Verdict.MANUAL
+    assert decide(np.nextafter(0.3, 1.0), op) is Verdict.FAIL
+    assert decide(np.nextafter(0.3, 0.0), op) is Verdict.PASS
+
+
+def test_just_above_the_band_fails_and_just_below_it_passes():
+    assert decide(np.nextafter(OP.band_high, 1.0), OP) is Verdict.FAIL
+    assert decide(np.nextafter(OP.band_low, 0.0), OP) is Verdict.PASS
 
 
 def test_operating_point_must_be_ordered():

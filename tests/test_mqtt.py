@@ -7,6 +7,7 @@ process), authentication and TLS use Mosquitto's own password file and certifica
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from mqtt_helpers import (
     write_frames,
 )
 
+from appliance.bundle import ROLE_FILES
 from appliance.decision import Mode
 from appliance.errors import ConfigError
 from appliance.outbox import Outbox
@@ -150,7 +152,7 @@ def test_broker_down_for_10_s_mid_run_loses_nothing(tmp_path: Path, bundle_dir: 
     assert not replayed & {f"A-{i}" for i in range(5)}
 
 
-def test_sigkill_shows_offline_within_the_keepalive_bound_and_the_outbox_replays_after_restart(
+def test_sigkill_shows_offline_at_once_and_the_outbox_replays_after_restart(
         tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker, control_room: Subscriber):
     config = tmp_path / "station.toml"
     data = tmp_path / "var"
@@ -186,7 +188,10 @@ def test_sigkill_shows_offline_within_the_keepalive_bound_and_the_outbox_replays
         proc.wait(10)
         assert control_room.wait_for(lambda: ("offline", 0) in states(), 1.5 * 5 + 5), states()
         offline = next(m for m in control_room.of("status", "st-kill") if m.payload["state"] == "offline")
-        assert offline.at - killed_at <= 1.5 * 5 + 2
+        # The kernel closes a killed process's socket, and the broker sends the will at once. Keepalive expiry
+        # (1.5 x 5 s = 7.5 s) would be a wrong pass: the bound sits well below it, with room for a busy machine.
+        assert offline.at - killed_at <= 2.5, f"offline {offline.at - killed_at:.1f} s after the kill"
+        assert "st-kill has exceeded timeout" not in broker.log_path.read_text()
 
         # Second life: results made while the broker is down, then killed before they could be sent.
         proc = start()
@@ -315,9 +320,11 @@ def test_commands_change_the_mode_trigger_parts_and_bad_ones_change_nothing(
         control_room.publish(cmd + "trigger", '{"part_id": "SN-42", "message_id": "t1"}')
         control_room.publish(cmd + "trigger", '{"part_id": "SN-42", "message_id": "t1"}')  # a QoS 1 duplicate
         control_room.publish(cmd + "trigger", '{"part_id": "SN-43", "message_id": "t2"}')
-        assert control_room.wait_for(lambda: len(control_room.of("result")) == 2, 20)
-        time.sleep(0.5)
-        assert sorted(m.payload["part_id"] for m in control_room.of("result")) == ["SN-42", "SN-43"]
+        # Anchor: commands are applied in order, so once t3's part is reported a second SN-42 would have been too.
+        control_room.publish(cmd + "trigger", '{"part_id": "SN-44", "message_id": "t3"}')
+        assert control_room.wait_for(lambda: any(m.payload["part_id"] == "SN-44" for m in control_room.of("result")),
+                                     20)
+        assert sorted(m.payload["part_id"] for m in control_room.of("result")) == ["SN-42", "SN-43", "SN-44"]
         assert all(m.payload["mode"] == "shadow" for m in control_room.of("result"))
 
         births = len(control_room.of("birth"))
@@ -335,8 +342,8 @@ def test_trigger_is_refused_on_a_continuous_station(
     station = start_station(station_settings(tmp_path, bundle_dir, broker.port, trigger={"mode": "continuous"},
                                              camera={"source": str(folder), "loop": False}))
     try:
+        # The station subscribes to its commands before it sends its birth (test_mqtt_commands.py).
         assert control_room.wait_for(lambda: control_room.of("birth"), 10)
-        time.sleep(0.3)
         control_room.publish(_prefix("st-mqtt") + "/cmd/trigger", '{"part_id": "SN-1"}')
         assert control_room.wait_for(lambda: _rejections(control_room), 10)
         assert "continuous" in _rejections(control_room)[0].detail["reason"]
@@ -391,11 +398,15 @@ def test_acl_lets_a_station_write_only_its_own_prefix_and_dashboards_only_read(
         _trigger(station, ["OK-1"])
         assert dashboard.wait_for(lambda: dashboard.of("result", "st-auth"), 10)
         # The dashboard may read but not command: the broker drops its publish, the mode stays.
-        dashboard.publish(_prefix("st-auth") + "/cmd/mode", '{"mode": "shadow"}')
-        # The controller may command.
+        dashboard.publish(_prefix("st-auth") + "/cmd/mode", '{"mode": "shadow"}')  # returns once the broker has it
+        # The controller may command. Anchor: its trigger reaches the station after anything the broker had
+        # already accepted from the dashboard; the part it makes is still decided in production.
         controller = Subscriber(secured_broker.port, client_id="ctl", username="controller", password="ctl")
-        time.sleep(0.5)
-        assert station.pipeline.mode is Mode.PRODUCTION
+        controller.publish(_prefix("st-auth") + "/cmd/trigger", '{"part_id": "ANCHOR-1", "message_id": "a1"}')
+        assert dashboard.wait_for(lambda: [m for m in dashboard.of("result", "st-auth")
+                                           if m.payload["part_id"] == "ANCHOR-1"], 10)
+        anchor = next(m for m in dashboard.of("result", "st-auth") if m.payload["part_id"] == "ANCHOR-1")
+        assert anchor.payload["mode"] == "production" and station.pipeline.mode is Mode.PRODUCTION
         controller.publish(_prefix("st-auth") + "/cmd/mode", '{"mode": "shadow"}')
         assert wait_until(lambda: station.pipeline.mode is Mode.SHADOW, 10)
         controller.close()
@@ -534,17 +545,49 @@ def test_a_live_camera_that_goes_away_and_comes_back_is_reported(
         stop_station(station)
 
 
-def test_a_backend_change_sends_a_new_birth(tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker,
-                                            control_room: Subscriber):
-    station = start_station(station_settings(tmp_path, bundle_dir, broker.port))
+def test_a_backend_failure_and_its_recovery_each_send_a_birth_naming_the_backend(
+        tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker, control_room: Subscriber):
+    # Given a station whose model file cannot be opened when its pipeline starts (the ONNX Runtime backend
+    # fails, the station goes to manual_fallback, and retries the backend with backoff).
+    bundle = shutil.copytree(bundle_dir, tmp_path / "bundle")
+    station = build_station(station_settings(tmp_path, bundle, broker.port))
+    onnx = bundle / ROLE_FILES["onnx_fp32"]
+    hidden = tmp_path / "model_fp32.onnx.whole"
+    shutil.copy2(onnx, hidden)
     try:
-        assert control_room.wait_for(lambda: control_room.of("birth"), 10)
-        time.sleep(0.3)
-        births = len(control_room.of("birth"))
-        # What the pipeline reports when the GPU goes (the supervisor's event; the GPU loss itself is
-        # exercised in test_runtime.py): the birth must then name the backend again.
-        station.mqtt.event("gpu_lost", {"error": "injected"})
-        assert control_room.wait_for(lambda: len(control_room.of("birth")) == births + 1, 10)
-        assert any(m.payload["kind"] == "gpu_lost" for m in control_room.of("event"))
+        onnx.write_bytes(b"not an onnx model")
+        station.mqtt.start()
+        assert station.mqtt.link.wait_connected(10)
+        station.pipeline.start()
+        station.mqtt.pipeline_started()
+        # Then the control room hears backend_failed and a birth that names no backend.
+        assert control_room.wait_for(lambda: "backend_failed" in _event_kinds(control_room), 10)
+        failed = next(m.payload for m in control_room.of("event") if m.payload["kind"] == "backend_failed")
+        assert failed["detail"]["backend"] == "onnxruntime" and failed["detail"]["reason"]
+        assert control_room.wait_for(lambda: _birth_backends(control_room)[-1:] == ["none"], 10), (
+            _birth_backends(control_room))
+        # When the file is whole again, the next retry (on a part, after the backoff) brings the backend back ...
+        shutil.copy2(hidden, onnx)
+        deadline = time.monotonic() + 30
+        for i in range(1000):
+            part = f"R-{i}"
+            station.pipeline.trigger(part)
+            assert control_room.wait_for(lambda p=part: [m for m in control_room.of("result")
+                                                         if m.payload["part_id"] == p], 10)
+            result = next(m.payload for m in control_room.of("result") if m.payload["part_id"] == part)
+            if result["backend"] == "onnxruntime" or time.monotonic() > deadline:
+                break
+        assert result["backend"] == "onnxruntime", result
+        # ... and a new birth names it.
+        assert control_room.wait_for(lambda: _birth_backends(control_room)[-1:] == ["onnxruntime"], 10), (
+            _birth_backends(control_room))
     finally:
         stop_station(station)
+
+
+def _event_kinds(sub: Subscriber) -> list[str]:
+    return [m.payload["kind"] for m in sub.of("event")]
+
+
+def _birth_backends(sub: Subscriber) -> list[str]:
+    return [BirthPayload.model_validate(m.payload).backend for m in sub.of("birth")]

@@ -101,7 +101,13 @@ def test_band_block_holds_the_band_and_its_outcomes(tmp_path, evaluation):
     assert band["threshold"] == evaluation["threshold"]
     assert 0.0 < band["manual_fraction"] <= 0.1
     assert band["n_manual"] + band["n_auto"] == 200
-    assert band["errors_in_band"] <= band["errors_at_threshold"]
+    # Counted here from the scores: wrong at the threshold alone, and of those, the ones the band catches.
+    labels, scores = evaluation["labels"], evaluation["scores"]
+    low, high = evaluation["band"]
+    wrong = (scores >= evaluation["threshold"]) != (labels == 1)
+    caught = wrong & (scores >= low) & (scores <= high)
+    assert band["errors_at_threshold"] == int(wrong.sum()) > 0
+    assert band["errors_in_band"] == int(caught.sum()) > 0
 
 
 def test_precision_block_compares_each_precision_with_fp32(tmp_path, evaluation):

@@ -54,12 +54,54 @@ class TlsFiles:
     require_client_cert: bool = False
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on `port` (Linux /proc; empty where it cannot be read)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _owns_listener(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds the socket listening on `port`; None where /proc cannot tell."""
+    inodes = _listening_inodes(port)
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    if not inodes:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(fd) in {f"socket:[{i}]" for i in inodes}:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class _PortTaken(RuntimeError):
+    """Another process took the port between free_port() and mosquitto's bind."""
+
+
 @dataclass
 class MosquittoBroker:
-    """One broker instance in `folder`; `start()`, `stop()`, `restart()`, or use it as a context manager."""
+    """One broker instance in `folder`; `start()`, `stop()`, `restart()`, or use it as a context manager.
+
+    Without a `port`, one is chosen free; free_port() can only close its probe socket before mosquitto binds,
+    so another process may take the port in between: the first start then retries on a fresh port. A given
+    port (or a restart, which must keep the port its clients know) is never changed.
+    """
 
     folder: Path
-    port: int = field(default_factory=free_port)
+    port: int = 0  # 0: a free port, chosen now (read it from .port)
     password_file: Path | None = None
     acl_file: Path | None = None
     tls: TlsFiles | None = None
@@ -69,6 +111,13 @@ class MosquittoBroker:
     # Lines appended to the generated configuration, e.g. ["max_packet_size 100000"].
     extra: list[str] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
+    # Whether the port may still move: chosen here (not given, no custom config) and never started on.
+    _port_movable: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.port == 0:
+            self.port = free_port()
+            self._port_movable = self.config is None
 
     @property
     def log_path(self) -> Path:
@@ -101,6 +150,20 @@ class MosquittoBroker:
         return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 10.0) -> MosquittoBroker:
+        attempts = 5 if self._port_movable else 1
+        for attempt in range(attempts):
+            try:
+                self._start_once(timeout)
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+                continue
+            self._port_movable = False  # clients now know this port: a restart keeps it
+            return self
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> None:
         binary = find_mosquitto()
         if binary is None:
             raise RuntimeError(f"mosquitto is not installed: {MOSQUITTO_HINT}")
@@ -112,10 +175,17 @@ class MosquittoBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self._proc.returncode} on port {self.port}: "
-                                   f"{self._tail()}")
+                tail = self._tail()
+                self._proc = None
+                if "Address already in use" in tail:
+                    raise _PortTaken(f"port {self.port} was taken before mosquitto could bind it: {tail}")
+                raise RuntimeError(f"mosquitto exited with a failure on port {self.port}: {tail}")
             if port_accepts(self.port):
-                return self
+                if _owns_listener(self._proc.pid, self.port) is False:
+                    # Something else answers on the port: ours is about to fail its bind (or already did).
+                    self.stop(kill=True)
+                    raise _PortTaken(f"port {self.port} is held by another process")
+                return
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"mosquitto did not accept connections on port {self.port} within {timeout} s")

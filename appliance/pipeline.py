@@ -61,6 +61,21 @@ class Reporter(Protocol):
     def flush(self, timeout: float) -> bool: ...
 
 
+class _HeldEvents:
+    """Events kept back until the state they describe is published; touched by one thread only."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[str, dict[str, Any]]] = []
+
+    def append_event(self, kind: str, detail: dict[str, Any]) -> None:
+        self._held.append((kind, detail))
+
+    def flush(self, sink: Callable[[str, dict[str, Any]], None]) -> None:
+        held, self._held = self._held, []
+        for kind, detail in held:
+            sink(kind, detail)
+
+
 @dataclass
 class Inspection:
     """One part moving through the stages; timestamps (monotonic seconds) are filled in as it goes."""
@@ -176,6 +191,8 @@ class Pipeline:
         self.last_error = ""
         self.crashed = False
         self.failure: ThreadFailure | None = None  # the stage that died, if one did
+        # The supervisor's events, held until _publish_backend has updated backend_name (inference thread only).
+        self._backend_events = _HeldEvents()
         # Why the process must restart (a fatal CUDA error): capture stops, the parts in flight finish on the
         # fallback, and the runtime exits with EXIT_CUDA_FATAL.
         self.fatal: str | None = None
@@ -329,7 +346,7 @@ class Pipeline:
             return
 
     def _infer_loop(self) -> None:
-        sup = self._supervisor_factory(self._event)
+        sup = self._supervisor_factory(self._backend_events.append_event)
         try:
             sup.start()
             self._publish_backend(sup)
@@ -346,6 +363,7 @@ class Pipeline:
                 self._busy_since = None
                 self._q_decide.put(insp)
         finally:
+            self._backend_events.flush(self._event)
             self._backend_ready.set()
             sup.close()
             self._q_decide.put(_STOP)
@@ -414,6 +432,8 @@ class Pipeline:
             self._slots.reset(sup.generation, [backend.input_buffer(i) for i in range(backend.slots - 1)])
             self.backend_name, self.model_id = backend.name, backend.model_id
         self.set_fallback("backend", (sup.why_no_model or "no model can run") if backend is None else None)
+        # Only now that backend_name says what runs: a birth requested by these events must name it.
+        self._backend_events.flush(self._event)
 
     def _decide_loop(self) -> None:
         while (insp := self._q_decide.get()) is not _STOP:

@@ -271,6 +271,12 @@ class SqliteStore:
         with suppress(sqlite3.Error):
             old.close()
         self._db = None
+        # The -wal and -shm at the path are the old file's (SQLite leaves them when its file was renamed away
+        # or deleted): their content is in the copy; left there, they would be applied to whatever file comes
+        # to that path next.
+        for suffix in ("-wal", "-shm"):
+            with suppress(FileNotFoundError):
+                os.unlink(f"{self.path}{suffix}")
         note = f"{self.what} {self.path} was {what} while the station ran; rebuilt from the open file"
         if replaced:
             aside = self._move_aside("replaced")

@@ -595,3 +595,51 @@ def test_a_stop_during_a_storage_fault_ends_within_the_drain_budget_and_names_ev
         for locker in lockers:
             locker.proc.kill()
             locker.wait()
+
+
+def test_a_store_file_renamed_over_is_rebuilt_from_the_open_file_and_the_other_is_kept(
+        tmp_path: Path, bundle_dir: Path):
+    from appliance.runtime import build_pipeline
+
+    settings = station_settings(tmp_path, bundle_dir, 1883, mqtt={"enabled": False})
+    db = settings.storage.data_dir / "results.sqlite3"
+    pipeline, results = build_pipeline(settings)
+    other = tmp_path / "other.sqlite3"
+    made = sqlite3.connect(other)
+    made.execute("CREATE TABLE x (y)")
+    made.commit()
+    made.close()
+    try:
+        pipeline.start()
+        pipeline.trigger("N-0")
+        assert wait_until(lambda: [r.part_id for r in results.inspections()] == ["N-0"], 20)
+        os.replace(other, db)  # `mv other.sqlite3 results.sqlite3`: a new inode at the station's path
+        pipeline.trigger("N-1")
+        assert wait_until(lambda: [r.part_id for r in results.inspections()] == ["N-0", "N-1"], 20)
+    finally:
+        pipeline.stop()
+        pipeline.join(30)
+    assert _logged_parts(db) == ["N-0", "N-1"]  # rebuilt from the open file: nothing committed was lost
+    kept = [p for p in db.parent.iterdir() if ".replaced-" in p.name and not p.name.endswith(("-wal", "-shm"))]
+    assert len(kept) == 1
+    check = sqlite3.connect(kept[0])
+    assert check.execute("SELECT name FROM sqlite_master").fetchall() == [("x",)]
+    check.close()
+    assert any(kind == "storage_repaired" and "replaced by another file" in detail["message"]
+               for _, kind, detail in results.events())
+
+
+def test_deleting_only_the_main_file_does_not_let_its_old_wal_into_the_rebuilt_one(tmp_path: Path):
+    log = ResultsLog(tmp_path / "results.sqlite3", open_now=False)
+    try:
+        log.write_many([_record(0)])
+        (tmp_path / "results.sqlite3").unlink()  # `rm results.sqlite3`: the -wal and -shm stay
+        log.write_many([_record(1)])
+        assert [r.part_id for r in log.inspections()] == ["IO-0", "IO-1"]
+    finally:
+        log.close()
+    again = ResultsLog(tmp_path / "results.sqlite3")
+    try:
+        assert [r.part_id for r in again.inspections()] == ["IO-0", "IO-1"]
+    finally:
+        again.close()

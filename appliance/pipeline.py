@@ -189,7 +189,6 @@ class Pipeline:
         self.backend_name = "none"
         self.model_id = ""
         self.last_error = ""
-        self.crashed = False
         self.failure: ThreadFailure | None = None  # the stage that died, if one did
         # The supervisor's events, held until _publish_backend has updated backend_name (inference thread only).
         self._backend_events = _HeldEvents()
@@ -228,8 +227,7 @@ class Pipeline:
     @property
     def mode(self) -> Mode:
         """The mode parts are decided in now: manual_fallback while any fallback cause holds, else the configured."""
-        with self._lock:
-            return Mode.MANUAL_FALLBACK if self._fallbacks else self._mode
+        return self._mode_and_reason()[0]
 
     def set_mode(self, mode: Mode) -> None:
         """Switch the configured mode (a command from the control room). During a manual fallback the new
@@ -261,8 +259,19 @@ class Pipeline:
 
     def fallback_reason(self) -> str:
         """Why the station is in manual_fallback by itself ("" when it is not)."""
+        return self._mode_and_reason()[1]
+
+    def _mode_and_reason(self) -> tuple[Mode, str]:
+        """The mode a part is decided in now and, in a fallback, why: one look under the lock per part."""
         with self._lock:
-            return "; ".join(self._fallbacks.values())
+            if self._fallbacks:
+                return Mode.MANUAL_FALLBACK, "; ".join(self._fallbacks.values())
+            return self._mode, ""
+
+    @property
+    def crashed(self) -> bool:
+        """A stage died (see `failure`)."""
+        return self.failure is not None
 
     def stall_reason(self, stall_s: float) -> str | None:
         """Why the station is stuck, or None: an inference running longer than `stall_s`, or a connected live
@@ -445,12 +454,12 @@ class Pipeline:
 
     def _decide_one(self, insp: Inspection) -> None:
         now = time.monotonic()
-        mode = self.mode
+        mode, fallback_reason = self._mode_and_reason()
         if insp.error is not None:
             verdict, ai_verdict, reason = "error", None, f"frame error: {insp.error}"
         else:
             op = self.config.operating_point_by_backend.get(insp.backend, self.config.operating_point)
-            d = decide_part(insp.score, op, mode, insp.why_no_model or self.fallback_reason())
+            d = decide_part(insp.score, op, mode, insp.why_no_model or fallback_reason)
             verdict, ai_verdict, reason = d.verdict.value, d.ai_verdict.value if d.ai_verdict else None, d.reason
         t = insp.t
         latency = {
@@ -495,7 +504,6 @@ class Pipeline:
                 log.exception("stage %s crashed; stopping the pipeline", name)
                 self.failure = ThreadFailure(f"stage-{name}", f"{type(exc).__name__}: {exc}", time.time())
                 self.last_error = self.failure.describe()
-                self.crashed = True
                 self._stop.set()
                 self._backend_ready.set()
                 if downstream is not None:

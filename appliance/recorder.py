@@ -99,7 +99,6 @@ class StoreWriter(Generic[T]):
         self._fault_since = time.time() if initial_error else 0.0
         self._announced = False  # storage_fault sent for the current fault
         self._saturated = False
-        self.written = 0
         self.refused = 0
 
     # --- any thread ---------------------------------------------------------------------------------------------
@@ -192,7 +191,6 @@ class StoreWriter(Generic[T]):
             with self._cond:
                 for _ in batch:
                     self._items.popleft()
-                self.written += len(batch)
                 recovered = self._announced
                 down_s = time.time() - self._fault_since
                 self._fault_error = None

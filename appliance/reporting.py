@@ -83,6 +83,8 @@ class LogReporter:
         self.unrecorded = 0  # parts and events no store could take (backlog full): in the process log only
         self._unrecorded_lock = threading.Lock()  # refused() comes from the decide, writer and monitor threads
         self._pipeline: Pipeline | None = None
+        self._failsafe_lock = threading.Lock()
+        self._failsafe_held = False  # whether this reporter holds the pipeline in manual_fallback
 
     def attach(self, pipeline: Pipeline) -> None:
         """The pipeline to hold in manual_fallback while storage cannot keep up."""
@@ -141,17 +143,23 @@ class LogReporter:
         self.update_failsafe()
 
     def update_failsafe(self) -> None:
+        """Hold or release the pipeline's manual_fallback as the writers' backlogs fill and drain. Called per
+        part: in the common case (nothing full, nothing held) it looks at the writers and returns."""
         pipeline = self._pipeline
         if pipeline is None:
             return
-        reason = None
-        for w in self.writers:
-            if w.saturated:
-                fault = w.fault()
-                reason = (f"storage: {w.store} {w.path} cannot be written"
-                          f"{f' ({fault.error})' if fault else ''} and {w.max_pending} records wait in memory, "
+        full = next((w for w in self.writers if w.saturated), None)
+        with self._failsafe_lock:
+            if full is None and not self._failsafe_held:
+                return
+            reason = None
+            if full is not None:
+                fault = full.fault()
+                reason = (f"storage: {full.store} {full.path} cannot be written"
+                          f"{f' ({fault.error})' if fault else ''} and {full.max_pending} records wait in memory, "
                           "the limit (storage.pending_max)")
-                break
+            self._failsafe_held = full is not None
+        # Outside the lock: entering the fallback is an event, and reporting it comes back here.
         pipeline.set_fallback("storage", reason)
 
 

@@ -9,7 +9,6 @@ it through a `recorder.StoreWriter`, which keeps parts in memory while the file 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,12 +106,6 @@ class ResultsLog(SqliteStore):
                 else:
                     db.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)",
                                (item.at, item.kind, json.dumps(item.detail, default=str)))
-
-    def add(self, r: InspectionRecord) -> None:
-        self.write_many([r])
-
-    def event(self, kind: str, detail: dict[str, Any], at: float | None = None) -> None:
-        self.write_many([LoggedEvent(at if at is not None else time.time(), kind, detail)])
 
     def inspections(self) -> Iterator[InspectionRecord]:
         with self.reading() as db:

@@ -236,12 +236,13 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
         # Pings at half systemd's interval, so one late ping is not yet a restart.
         watchdog = Watchdog(lambda: pipeline.stall_reason(settings.watchdog.stall_s), interval / 2).start()
     started = last_status = time.monotonic()
-    failure = None
+    failure = reported = None
     while pipeline.alive:
         failure = station.failure()
         if failure is not None:
             # Half a station (inspecting without recording or reporting) is worse than a restart.
             _report_failure(station, failure)
+            reported = failure
             pipeline.stop()
             break
         now = time.monotonic()
@@ -259,7 +260,7 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
     if watchdog is not None:
         watchdog.stop()
     failure = failure or station.failure()
-    if failure is not None and failure is pipeline.failure:
+    if failure is not None and failure is not reported:  # a stage that died ended the loop by itself
         _report_failure(station, failure)
     snap = pipeline.stats.snapshot()
     log.info("stopped: %d inspections %s, %d live frames dropped, %.1f parts/s, end-to-end p50 %.1f ms p99 %.1f ms",

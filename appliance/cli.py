@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from appliance import __version__
-from appliance.errors import ApplianceError, ConfigError
+from bundle.errors import ApplianceError, ConfigError
 
 DESCRIPTION = """\
 Visual-inspection station runtime.
@@ -43,7 +43,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_show_bundle(args: argparse.Namespace) -> int:
-    from appliance.bundle import load_bundle
+    from bundle.format import load_bundle
 
     bundle = load_bundle(args.bundle, verify=True)
     m = bundle.metadata
@@ -83,11 +83,11 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     """Classify image files with the bundle's FP32 model on ONNX Runtime (CPU)."""
     import numpy as np
 
-    from appliance.bundle import load_bundle
-    from appliance.decision import OperatingPoint, Verdict, decide, defect_score
-    from appliance.images import DEFAULT_MAX_PIXELS, bit_depth_warning, decode_image, list_images, to_8bit
-    from appliance.ort_backend import OnnxRuntimeBackend
-    from appliance.preprocess import preprocess
+    from bundle.decision import OperatingPoint, Verdict, decide, defect_score
+    from bundle.format import load_bundle
+    from bundle.images import DEFAULT_MAX_PIXELS, bit_depth_warning, decode_image, list_images, to_8bit
+    from bundle.onnx_runtime import OnnxRuntimeBackend
+    from bundle.preprocess import preprocess
 
     bundle = load_bundle(args.bundle)
     meta = bundle.metadata
@@ -158,7 +158,7 @@ def _cmd_engine(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from appliance.images import bit_depth_option, max_pixels_option
+    from bundle.images import bit_depth_option, max_pixels_option
 
     parser = argparse.ArgumentParser(
         prog="appliance", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits per pixel of the images' data, as camera.bit_depth: 12 for Mono12 frames saved "
                    "as 16-bit PNG/TIFF (values 0..4095); auto (default) takes 8-bit files as 8-bit and "
                    "16-bit files as full 16-bit data")
-    # The default is camera.max_pixels's, resolved when classify runs: appliance.images loads OpenCV.
+    # The default is camera.max_pixels's, resolved when classify runs: bundle.images loads OpenCV.
     p.add_argument("--max-pixels", type=max_pixels_option, default=None,
                    help="largest image accepted, width x height read from the file header before decoding, "
                    "as camera.max_pixels (default 50000000)")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from appliance.errors import ApplianceError
 from appliance.settings import StationSettings
+from bundle.errors import ApplianceError
 
 Outcome = Literal["PASS", "FAIL", "SKIP"]
 MIN_FREE_MB = 1024  # an outbox of 100,000 results is about 100 MB; leave room for logs and review images
@@ -64,7 +64,7 @@ class Doctor:
         ]
 
     def bundle(self) -> tuple[Outcome, str]:
-        from appliance.bundle import load_bundle
+        from bundle.format import load_bundle
 
         self._bundle = load_bundle(self.settings.model.bundle, verify=True)
         m = self._bundle.metadata
@@ -73,7 +73,7 @@ class Doctor:
     def gpu(self) -> tuple[Outcome, str]:
         if not self._uses_gpu:
             return "SKIP", "inference.backend = onnxruntime (CPU)"
-        from appliance.cuda_memory import cuda_available
+        from engines.cuda_memory import cuda_available
 
         ok, detail = cuda_available()
         return ("PASS" if ok else "FAIL"), detail
@@ -81,7 +81,7 @@ class Doctor:
     def tensorrt(self) -> tuple[Outcome, str]:
         if not self._uses_gpu:
             return "SKIP", "inference.backend = onnxruntime (CPU)"
-        from appliance.trt_backend import device_info
+        from engines.tensorrt import device_info
 
         self._device = device_info()
         d = self._device
@@ -110,7 +110,7 @@ class Doctor:
                         f"(agreement {v.get('decision_agreement', float('nan')):.1%})")
 
     def camera(self) -> tuple[Outcome, str]:
-        from appliance.camera import open_source
+        from appliance.camera.sources import open_source
 
         started = time.monotonic()
         source = open_source(self.settings.camera)
@@ -134,7 +134,7 @@ class Doctor:
     def broker(self) -> tuple[Outcome, str]:
         if not self.settings.mqtt.enabled:
             return "SKIP", "mqtt.enabled = false"
-        from appliance.mqtt_link import LinkError, probe_broker
+        from appliance.reporting.mqtt_link import LinkError, probe_broker
         from appliance.runtime import mqtt_link_config
 
         try:

@@ -15,20 +15,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.bundle import Bundle, load_bundle
-from appliance.decision import Mode, OperatingPoint
-from appliance.errors import ConfigError, GpuUnavailableError
-from appliance.mqtt_link import LinkConfig
-from appliance.ort_backend import OnnxRuntimeBackend
-from appliance.outbox import Outbox
-from appliance.payloads import PART_ID_PATTERN, Topics
-from appliance.pipeline import Pipeline, PipelineConfig
-from appliance.reporting import LogReporter, MqttReporter, config_hash
-from appliance.results_log import ResultsLog
+from appliance.inference.supervisor import BackendSupervisor, EventSink
+from appliance.reporting.mqtt_link import LinkConfig
+from appliance.reporting.mqtt_reporter import LogReporter, MqttReporter, config_hash
+from appliance.reporting.outbox import Outbox
+from appliance.reporting.payloads import PART_ID_PATTERN, Topics
+from appliance.reporting.results_log import ResultsLog
 from appliance.settings import StationSettings, mqtt_password
-from appliance.supervisor import BackendSupervisor, EventSink
+from appliance.station.pipeline import Pipeline, PipelineConfig
+from appliance.station.watchdog import Watchdog, notify, watchdog_interval_s
 from appliance.threads import EXIT_CUDA_FATAL, EXIT_THREAD_FAILED, ThreadFailure
-from appliance.watchdog import Watchdog, notify, watchdog_interval_s
+from bundle.decision import Mode, OperatingPoint
+from bundle.errors import ConfigError, GpuUnavailableError
+from bundle.format import Bundle, load_bundle
+from bundle.onnx_runtime import OnnxRuntimeBackend
 from engines.manifest import DeviceInfo
 
 log = logging.getLogger("appliance")
@@ -98,7 +98,8 @@ def supervisor_factory(settings: StationSettings, bundle: Bundle):
                                   model_id=bundle.model_id, spin=False)
 
     def gpu():
-        from appliance.trt_backend import TensorRTBackend, device_info
+        from engines.runner import TensorRTBackend
+        from engines.tensorrt import device_info
 
         device = device_info()
         return TensorRTBackend(find_engine(settings, bundle, device), slots=SLOTS, device=device,
@@ -162,7 +163,7 @@ def mqtt_link_config(settings: StationSettings) -> LinkConfig:
 
 def build_station(settings: StationSettings, reporter=None, source=None, mqtt: bool | None = None) -> Station:
     """Everything `appliance run` starts, not yet started. `mqtt` defaults to `mqtt.enabled`."""
-    from appliance.camera import open_source
+    from appliance.camera.sources import open_source
 
     bundle = load_bundle(settings.model.bundle, verify=settings.model.verify_bundle)
     ops = operating_points(settings, bundle)

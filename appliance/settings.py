@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from appliance.errors import ConfigError
+from bundle.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,7 +76,7 @@ class CameraSection(_Section):
     height: int | None = Field(None, ge=16)
     fps: float | None = Field(None, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
-    # Bits per pixel of the camera's data (appliance.images.to_8bit scales them to 0..255): 8, 10, 12, 14,
+    # Bits per pixel of the camera's data (bundle.images.to_8bit scales them to 0..255): 8, 10, 12, 14,
     # 16, or "auto" (8-bit frames are 8-bit, 16-bit frames are full 16-bit data). A Mono10/Mono12 camera
     # sends 16-bit frames holding 0..1023 / 0..4095 and must say 10 / 12 here; a frame with values the
     # declared depth cannot hold gets an `error` verdict. Synthetic parts are always 8-bit.

@@ -20,7 +20,7 @@ log = logging.getLogger("appliance.threads")
 # The process exit code after a station thread died (provisioning's unit restarts on any failure code).
 EXIT_THREAD_FAILED = 10
 # The process exit code after a fatal CUDA error (illegal address, launch failure...): the CUDA context of this
-# process is unusable for good, so only a restart gets the GPU back (appliance.supervisor).
+# process is unusable for good, so only a restart gets the GPU back (appliance.inference.supervisor).
 EXIT_CUDA_FATAL = 11
 
 

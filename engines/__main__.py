@@ -21,8 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.bundle import ROLE_FILES, Bundle, load_bundle
-from appliance.errors import ApplianceError, ConfigError, EngineBuildError
+from bundle.errors import ApplianceError, ConfigError, EngineBuildError
+from bundle.format import ROLE_FILES, Bundle, load_bundle
 from engines.manifest import DeviceInfo, EngineManifest, manifest_path, write_manifest
 from engines.plan import (
     DEFAULT_DLA_MIN_SHARE,
@@ -44,7 +44,7 @@ def _heartbeat(label: str, stop: threading.Event, every_s: float = 15.0) -> None
 
 
 def _validate_engine(engine: Path, bundle: Bundle, plan: BuildPlan, device: DeviceInfo) -> Validation:
-    from appliance.trt_backend import TensorRTBackend
+    from engines.runner import TensorRTBackend
 
     backend = TensorRTBackend(engine, slots=1, dla_core=plan.dla_core, device=device)
     try:

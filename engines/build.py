@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from appliance.errors import EngineBuildError
+from bundle.errors import EngineBuildError
 from engines.plan import BuildPlan
 
 log = logging.getLogger(__name__)
@@ -224,10 +224,10 @@ def build_serialized(plan: BuildPlan, onnx_path: Path, timing_cache: Path | None
 
     `trt` is the tensorrt module (imported when left out; tests hand in a stand-in).
     """
-    from appliance.trt_backend import _make_logger, import_tensorrt
+    from engines.tensorrt import import_tensorrt, make_logger
 
     trt = trt if trt is not None else import_tensorrt()
-    logger = _make_logger(trt)
+    logger = make_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(network_creation_flags(trt, plan))
     parser = trt.OnnxParser(network, logger)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.errors import GpuUnavailableError
+from bundle.errors import GpuUnavailableError
 
 NV_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
@@ -52,13 +52,13 @@ def read_jetson_model(path: Path = DEVICE_TREE_MODEL) -> str | None:
 
 def probe(device_index: int = 0) -> BuildDevice:
     """This device; GpuUnavailableError (exit 7) naming what is missing: TensorRT, pycuda, a CUDA device."""
-    from appliance.cuda_memory import device_identity, device_multiprocessors, driver_cuda_version
-    from appliance.trt_backend import _make_logger, import_tensorrt
+    from engines.cuda_memory import device_identity, device_multiprocessors, driver_cuda_version
+    from engines.tensorrt import import_tensorrt, make_logger
 
     trt = import_tensorrt()
     name, capability = device_identity(device_index)
     try:
-        builder = trt.Builder(_make_logger(trt))
+        builder = trt.Builder(make_logger(trt))
     except Exception as exc:  # TensorRT raises plain exceptions (e.g. "no CUDA device") from its constructor
         raise GpuUnavailableError(f"TensorRT cannot create a builder on this device: {exc}") from exc
     return BuildDevice(

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from appliance.errors import GpuUnavailableError
+from bundle.errors import GpuUnavailableError
 
 MANIFEST_SCHEMA_VERSION = 1
 REBUILD = "rebuild with `make engine`"

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.errors import GpuUnavailableError
+from bundle.errors import GpuUnavailableError
 from engines.manifest import EngineManifest, Precision, load_manifest, manifest_path
 from engines.plan import BuildPlan
 

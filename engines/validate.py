@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance.bundle import Bundle
-from appliance.errors import BundleError
+from bundle.errors import BundleError
+from bundle.format import Bundle
 
 TOLERANCE = 5e-3  # fp32: atol = rtol
 FP16_UNIT_ROUNDOFF = 2.0**-11  # binary16: 11 significant bits

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from appliance.errors import ApplianceError
+from bundle.errors import ApplianceError
 from export.quantize import FLOAT_CONVS
 
 

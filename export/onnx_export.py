@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from appliance.bundle import INPUT_NAME, OUTPUT_NAME
-from appliance.errors import BundleError
-from appliance.ort_backend import OnnxRuntimeBackend
+from bundle.errors import BundleError
+from bundle.format import INPUT_NAME, OUTPUT_NAME
+from bundle.onnx_runtime import OnnxRuntimeBackend
 
 OPSET = 17
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.errors import BundleError
-from appliance.preprocess import PreprocessSpec, preprocess_batch
+from bundle.errors import BundleError
+from bundle.preprocess import PreprocessSpec, preprocess_batch
 
 QUANTIZED_OPS = ("Conv",)
 # ONNX Runtime's histogram calibrators (percentile, entropy) keep every activation of every calibration

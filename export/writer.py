@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.bundle import (
+from bundle.errors import BundleError
+from bundle.format import (
     CLASS_NAMES,
     ROLE_FILES,
     BundleMetadata,
@@ -23,9 +24,8 @@ from appliance.bundle import (
     load_bundle,
     write_metadata,
 )
-from appliance.errors import BundleError
-from appliance.ort_backend import OnnxRuntimeBackend
-from appliance.preprocess import PreprocessSpec, preprocess_batch
+from bundle.onnx_runtime import OnnxRuntimeBackend
+from bundle.preprocess import PreprocessSpec, preprocess_batch
 from export.quantize import FLOAT_CONVS, quantize_int8
 from training.datasets import Sample
 from training.metrics import binary_metrics, choose_operating_point, roc_auc, softmax_defect_score

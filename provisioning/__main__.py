@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from appliance.errors import ApplianceError, ConfigError
+from bundle.errors import ApplianceError, ConfigError
 from provisioning.render import Layout, StationRequest, render_station, render_unit
 
 

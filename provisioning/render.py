@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from appliance.errors import ConfigError
 from appliance.settings import StationSettings, format_validation_errors
+from bundle.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

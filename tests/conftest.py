@@ -55,7 +55,7 @@ def trt():
         import tensorrt
     except ImportError as exc:
         pytest.skip(f"needs TensorRT (JetPack's python3-libnvinfer), pycuda and an NVIDIA GPU: run on a Jetson ({exc})")
-    from appliance.cuda_memory import cuda_available
+    from engines.cuda_memory import cuda_available
 
     ok, reason = cuda_available()
     if not ok:

@@ -20,10 +20,10 @@ import cv2
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from appliance.payloads import EventPayload
+from appliance.reporting.payloads import EventPayload
 from appliance.runtime import Station, build_station
 from appliance.settings import StationSettings
-from training.synthetic import render_part
+from synthetic.parts import render_part
 
 SITE, LINE = "plant-a", "line-3"
 

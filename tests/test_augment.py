@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from appliance.errors import ConfigError
+from bundle.errors import ConfigError
+from synthetic.parts import render_part
 from training.augment import (
     TRANSFORMS,
     AugmentConfig,
@@ -18,7 +19,7 @@ from training.augment import (
     main,
     preview_grid,
 )
-from training.synthetic import render_part, write_dataset
+from training.synthetic import write_dataset
 
 
 @pytest.fixture(scope="module")

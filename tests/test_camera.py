@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from test_images_bit_depth import claiming_png
 
-from appliance.camera import (
+from appliance.camera.sources import (
     CameraState,
     Frame,
     FrameSource,
@@ -28,8 +28,8 @@ from appliance.camera import (
     mask_credentials,
     open_source,
 )
-from appliance.errors import CameraError
 from appliance.settings import CameraSection
+from bundle.errors import CameraError
 
 CLIP_SIZE = (64, 48)  # width, height
 # Containers and codecs to try, in order: MJPG in AVI is built into OpenCV's own writer on every platform.
@@ -237,7 +237,7 @@ def test_a_16_bit_container_is_16_bit_data_under_auto_and_the_likely_depth_is_lo
     for i in range(3):
         write_mono12(tmp_path / f"{i}.png", 4095)
 
-    with caplog.at_level(logging.WARNING, logger="appliance.camera"), \
+    with caplog.at_level(logging.WARNING, logger="appliance.camera.sources"), \
             open_source(CameraSection(source=str(tmp_path))) as source:
         frames = read_all(source)
 
@@ -256,11 +256,11 @@ def test_a_16_bit_container_with_bit_depth_8_gives_error_frames(tmp_path: Path) 
 def test_an_image_claiming_too_many_pixels_is_an_error_frame_and_the_next_part_still_comes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import appliance.images
+    import bundle.images
 
     decoded: list[int] = []
     real = cv2.imdecode
-    monkeypatch.setattr(appliance.images.cv2, "imdecode",
+    monkeypatch.setattr(bundle.images.cv2, "imdecode",
                         lambda buf, flags: decoded.append(len(buf)) or real(buf, flags))
     write_image(tmp_path / "001.png", 60)
     (tmp_path / "002.png").write_bytes(claiming_png(100_000, 100_000))
@@ -508,6 +508,6 @@ def test_gstreamer_pipeline_must_end_in_an_appsink() -> None:
 
 
 def test_camera_module_loads_without_torch_or_the_training_package() -> None:
-    # The station image on the Jetson has no torch; synthetic parts import training.synthetic only when used.
-    code = "import sys, appliance.camera; sys.exit(('torch' in sys.modules) + 2 * ('training' in sys.modules))"
+    # The station image on the Jetson has no torch; synthetic parts import synthetic.parts only when used.
+    code = "import sys, appliance.camera.sources; sys.exit(('torch' in sys.modules) + 2 * ('training' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

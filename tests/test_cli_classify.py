@@ -10,7 +10,7 @@ import pytest
 from test_images_bit_depth import claiming_png
 
 from appliance.cli import main
-from training.synthetic import render_part
+from synthetic.parts import render_part
 
 
 def test_classify_prints_a_verdict_per_image_and_error_for_a_bad_one(
@@ -32,7 +32,7 @@ def test_show_bundle_verifies_and_describes(bundle_dir: Path, capsys: pytest.Cap
     assert main(["show-bundle", str(bundle_dir)]) == 0
     out = capsys.readouterr().out
     assert "hashes verified" in out and "model_int8_qdq.onnx" in out and "decision" in out
-    from appliance.bundle import load_bundle
+    from bundle.format import load_bundle
 
     int8 = load_bundle(bundle_dir).metadata.decision_for("int8")
     assert f"int8        engines fail at >= {int8.threshold:.4f}" in out
@@ -55,12 +55,12 @@ def mono12(part: np.ndarray) -> np.ndarray:
 
 @pytest.fixture
 def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The byte sizes of the buffers appliance.images gives to cv2.imdecode."""
-    import appliance.images
+    """The byte sizes of the buffers bundle.images gives to cv2.imdecode."""
+    import bundle.images
 
     sizes: list[int] = []
     real = cv2.imdecode
-    monkeypatch.setattr(appliance.images.cv2, "imdecode", lambda buf, flags: sizes.append(len(buf)) or real(buf, flags))
+    monkeypatch.setattr(bundle.images.cv2, "imdecode", lambda buf, flags: sizes.append(len(buf)) or real(buf, flags))
     return sizes
 
 
@@ -116,13 +116,13 @@ def test_classify_survives_any_failure_of_one_image(
     bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ):
     # A decoder error, exhausted memory and a bug deep in preprocessing: each one image's error line.
-    import appliance.preprocess
+    import bundle.preprocess
 
     for name in ("a", "b", "c", "d"):
         cv2.imwrite(str(tmp_path / f"{name}.png"), render_part(11, None, 96, True))
     failures = iter([cv2.error("OpenCV(5.0.0) resize.cpp:1: error: (-215:Assertion failed) inv_scale_x > 0\n"),
                      MemoryError(), ValueError("output buffer is (1, 2) float32")])
-    real = appliance.preprocess.preprocess
+    real = bundle.preprocess.preprocess
 
     def failing(*args, **kwargs):
         failure = next(failures, None)
@@ -130,7 +130,7 @@ def test_classify_survives_any_failure_of_one_image(
             raise failure
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(appliance.preprocess, "preprocess", failing)
+    monkeypatch.setattr(bundle.preprocess, "preprocess", failing)
 
     assert main(["classify", str(tmp_path), "--bundle", str(bundle_dir)]) == 0
 
@@ -198,6 +198,6 @@ def test_classify_help_documents_the_exit_code_and_the_options(capsys: pytest.Ca
     help_text = " ".join(capsys.readouterr().out.split())
     assert "Exit code 0 when every image got its line (error lines included)" in help_text
     assert "--bit-depth {auto,8,10,12,14,16}" in help_text and "camera.bit_depth" in help_text
-    from appliance.images import DEFAULT_MAX_PIXELS
+    from bundle.images import DEFAULT_MAX_PIXELS
 
     assert f"camera.max_pixels (default {DEFAULT_MAX_PIXELS})" in help_text

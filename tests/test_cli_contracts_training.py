@@ -24,7 +24,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from appliance.bundle import ROLE_FILES, load_bundle
+from bundle.format import ROLE_FILES, load_bundle
 from tests.conftest import tiny_config
 from training.__main__ import build_parser, config_from_args
 from training.augment import AugmentConfig, mild_profile

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance import cuda_memory
-from appliance.cuda_memory import (
+from bundle.errors import GpuUnavailableError
+from engines import cuda_memory
+from engines.cuda_memory import (
     FATAL_CUDA_ERRORS,
     CudaContext,
     CudaFatalError,
@@ -33,7 +34,6 @@ from appliance.cuda_memory import (
     fatal_cuda_error,
     live_resources,
 )
-from appliance.errors import GpuUnavailableError
 
 SHAPE = (1, 3, 64, 64)  # one small preprocessed frame
 

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from appliance.errors import DatasetError, ImageReadError
-from appliance.images import read_image
+from bundle.errors import DatasetError, ImageReadError
+from bundle.images import read_image
 from training.datasets import Sample, fingerprint, load_folder, stratified_split
 
 

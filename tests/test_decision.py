@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance.decision import Mode, OperatingPoint, Verdict, decide, decide_part, defect_score
+from bundle.decision import Mode, OperatingPoint, Verdict, decide, decide_part, defect_score
 
 OP = OperatingPoint(threshold=0.5, band_low=0.4, band_high=0.6)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.device_health import gpu_health, jetson_gpu_readings
-from appliance.payloads import Topics
+from appliance.inference.device_health import gpu_health, jetson_gpu_readings
+from appliance.reporting.payloads import Topics
 
 
 def _write(root: Path, rel: str, text: str) -> None:

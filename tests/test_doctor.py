@@ -54,7 +54,7 @@ def _gpu_stack_here() -> str | None:
         pass
     else:
         return "TensorRT is importable here"
-    from appliance.cuda_memory import cuda_available
+    from engines.cuda_memory import cuda_available
 
     ok, detail = cuda_available()
     return f"a CUDA device answers here ({detail})" if ok else None

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from appliance.errors import EngineBuildError
+from bundle.errors import EngineBuildError
 from engines.__main__ import main
 from engines.manifest import load_manifest, manifest_path
 
@@ -43,7 +43,7 @@ def test_build_validates_installs_and_then_has_nothing_to_do(trt: ModuleType, bu
 def test_an_onnx_the_parser_rejects_names_the_nodes(trt: ModuleType, bundle_dir: Path, tmp_path: Path):
     import onnx
 
-    from appliance.bundle import load_bundle
+    from bundle.format import load_bundle
     from engines.build import build_serialized
     from engines.plan import BuildRequest, plan_build
 
@@ -65,7 +65,7 @@ def test_a_failed_validation_installs_nothing(trt: ModuleType, bundle_dir: Path,
     golden = dict(np.load(bundle / "golden.npz"))
     golden["logits_fp32"] = golden["logits_fp32"] + 1.0
     np.savez_compressed(bundle / "golden.npz", **golden)
-    from appliance.bundle import describe_file, load_bundle, write_metadata
+    from bundle.format import describe_file, load_bundle, write_metadata
 
     meta = load_bundle(bundle, verify=False).metadata
     files = dict(meta.files)

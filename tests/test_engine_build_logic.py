@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from appliance.errors import EngineBuildError
+from bundle.errors import EngineBuildError
 from engines.build import (
     DlaPlacement,
     attach_timing_cache,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import GpuUnavailableError
+from bundle.errors import GpuUnavailableError
 from engines.manifest import (
     DeviceInfo,
     EngineManifest,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.bundle import load_bundle
-from appliance.ort_backend import OnnxRuntimeBackend
+from bundle.format import load_bundle
+from bundle.onnx_runtime import OnnxRuntimeBackend
 from engines.manifest import EngineManifest, manifest_path, write_manifest
 from engines.plan import BuildRequest, PlanError, dla_supported, parse_version, plan_build
 from engines.store import EngineKey, timing_cache_path, up_to_date
@@ -282,9 +282,9 @@ def test_nan_outputs_and_wrong_shapes_fail():
 
 
 def test_station_picks_the_engine_that_fits_this_device_and_skips_failed_ones(tmp_path: Path, bundle_dir: Path):
-    from appliance.errors import GpuUnavailableError
     from appliance.runtime import find_engine
     from appliance.settings import StationSettings
+    from bundle.errors import GpuUnavailableError
     from engines.manifest import DeviceInfo
 
     bundle = load_bundle(bundle_dir)

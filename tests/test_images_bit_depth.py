@@ -23,9 +23,10 @@ import cv2
 import numpy as np
 import pytest
 
-from appliance import images
-from appliance.errors import DatasetError, FrameError, ImageReadError
-from appliance.images import (
+from appliance.settings import CameraSection
+from bundle import images
+from bundle.errors import DatasetError, FrameError, ImageReadError
+from bundle.images import (
     BIT_DEPTHS,
     DEFAULT_BIT_DEPTH,
     DEFAULT_MAX_PIXELS,
@@ -37,7 +38,6 @@ from appliance.images import (
     read_image,
     to_8bit,
 )
-from appliance.settings import CameraSection
 from training.datasets import load_folder
 
 # --- crafted files: headers that promise more than the file holds ------------------------------------------------
@@ -111,7 +111,7 @@ CLAIMING = {
 
 @pytest.fixture
 def no_decoding(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """cv2.imdecode as appliance.images calls it, recording the size of every buffer it is given."""
+    """cv2.imdecode as bundle.images calls it, recording the size of every buffer it is given."""
     decoded: list[int] = []
     real = cv2.imdecode
 
@@ -464,7 +464,7 @@ def test_importing_images_first_sets_opencvs_own_pixel_limit(tmp_path: Path) -> 
     path = tmp_path / "wide.png"
     path.write_bytes(claiming_png(20_000, 30_000))
     code = (
-        "import sys, numpy as np; import appliance.images; import cv2\n"
+        "import sys, numpy as np; import bundle.images; import cv2\n"
         f"data = np.fromfile({str(path)!r}, np.uint8)\n"
         "try:\n    cv2.imdecode(data, cv2.IMREAD_UNCHANGED)\nexcept cv2.error as e:\n    sys.exit(3)\n"
     )

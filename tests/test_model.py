@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from appliance.errors import CheckpointError
+from bundle.errors import CheckpointError
 from training.model import BACKBONES, PRETRAINED_BACKBONES, build_model, lite_weights_path
 
 

@@ -26,13 +26,13 @@ from mqtt_helpers import (
     write_frames,
 )
 
-from appliance.bundle import ROLE_FILES
-from appliance.decision import Mode
-from appliance.errors import ConfigError
-from appliance.outbox import Outbox
-from appliance.payloads import BirthPayload, EventPayload, HealthPayload, ResultPayload, StatusPayload
-from appliance.results_log import ResultsLog
+from appliance.reporting.outbox import Outbox
+from appliance.reporting.payloads import BirthPayload, EventPayload, HealthPayload, ResultPayload, StatusPayload
+from appliance.reporting.results_log import ResultsLog
 from appliance.runtime import build_station, mqtt_link_config
+from bundle.decision import Mode
+from bundle.errors import ConfigError
+from bundle.format import ROLE_FILES
 from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto, make_test_pki, write_password_file
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")

@@ -31,11 +31,11 @@ from mqtt_helpers import (
 )
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from appliance.decision import Mode
-from appliance.mqtt_link import LinkConfig, MqttLink
-from appliance.outbox import Outbox
-from appliance.payloads import BirthPayload, EventPayload, Topics
+from appliance.reporting.mqtt_link import LinkConfig, MqttLink
+from appliance.reporting.outbox import Outbox
+from appliance.reporting.payloads import BirthPayload, EventPayload, Topics
 from appliance.runtime import build_station
+from bundle.decision import Mode
 from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.outbox import Outbox
+from appliance.reporting.outbox import Outbox
 
 
 class FakeClock:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from appliance.payloads import (
+from appliance.reporting.payloads import (
     COMMAND_ERROR_FIELD_MAX_CHARS,
     COMMAND_ERROR_OTHER_PROBLEMS_SHOWN,
     COMMAND_ERROR_REASON_MAX_CHARS,
@@ -35,7 +35,7 @@ from appliance.payloads import (
     topic,
     write_json_schemas,
 )
-from appliance.results_log import InspectionRecord
+from appliance.reporting.results_log import InspectionRecord
 
 RECORD = InspectionRecord(
     inspection_id="insp-0001", part_id="P-42", station_id="station-01", source_name="synthetic", frame_index=7,
@@ -438,9 +438,12 @@ def test_schema_export_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_checked_in_schemas_match_the_models(tmp_path: Path) -> None:
-    """docs/schemas is what dashboard authors read: regenerate it (python -m appliance.payloads) on any change."""
+    """docs/schemas is what dashboard authors read: regenerate it on any change.
+
+    python -m appliance.reporting.payloads --out docs/schemas
+    """
     docs = Path(__file__).resolve().parents[1] / "docs" / "schemas"
     for path in write_json_schemas(tmp_path):
         shipped = docs / path.name
-        assert shipped.is_file(), f"{shipped} missing: run python -m appliance.payloads --out docs/schemas"
-        assert shipped.read_text() == path.read_text(), f"{shipped} is stale: run python -m appliance.payloads"
+        assert shipped.is_file(), f"{shipped} missing: run python -m appliance.reporting.payloads --out docs/schemas"
+        assert shipped.read_text() == path.read_text(), f"{shipped} is stale: regenerate it (see above)"

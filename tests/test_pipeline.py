@@ -12,11 +12,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from appliance.bundle import ROLE_FILES, BundleMetadata, load_bundle
-from appliance.errors import BundleError, CheckpointError
-from appliance.images import read_image
-from appliance.ort_backend import OnnxRuntimeBackend
-from appliance.preprocess import preprocess
+from bundle.errors import BundleError, CheckpointError
+from bundle.format import ROLE_FILES, BundleMetadata, load_bundle
+from bundle.images import read_image
+from bundle.onnx_runtime import OnnxRuntimeBackend
+from bundle.preprocess import preprocess
 from export.quantize import check_qdq
 from tests.conftest import tiny_config
 from training.trainer import PartsDataset, load_checkpoint, load_samples, split_samples, train
@@ -50,7 +50,7 @@ def test_training_preprocessing_is_the_runtime_preprocessing(trained_run: Path, 
 
 
 def test_bundle_holds_every_file_with_matching_hashes(bundle_dir: Path, trained_run: Path):
-    from appliance.bundle import DecisionDefaults
+    from bundle.format import DecisionDefaults
 
     bundle = load_bundle(bundle_dir)
     assert set(bundle.metadata.files) == set(ROLE_FILES)
@@ -77,8 +77,8 @@ def test_a_bundle_whose_band_does_not_contain_its_threshold_is_refused(bundle_di
 def test_each_reduced_precision_gets_its_operating_point_from_its_own_validation_scores(
     bundle_dir: Path, trained_run: Path, parts_folder: Path
 ):
-    from appliance.bundle import DecisionDefaults
-    from appliance.preprocess import preprocess_batch
+    from bundle.format import DecisionDefaults
+    from bundle.preprocess import preprocess_batch
     from training.metrics import binary_metrics, choose_operating_point, roc_auc, softmax_defect_score
 
     meta = load_bundle(bundle_dir).metadata
@@ -169,7 +169,7 @@ def test_int8_model_is_symmetric_qdq_that_tensorrt_accepts(bundle_dir: Path):
 
 def test_int8_agreement_with_fp32_is_measured_on_the_held_out_scores(
         bundle_dir: Path, trained_run: Path, parts_folder: Path):
-    from appliance.preprocess import preprocess_batch
+    from bundle.preprocess import preprocess_batch
     from training.metrics import softmax_defect_score
 
     meta = load_bundle(bundle_dir).metadata
@@ -201,7 +201,7 @@ def test_the_first_convolutions_stay_float_and_the_rest_are_int8(bundle_dir: Pat
 
 def test_more_float_convolutions_than_the_model_has_is_refused_naming_the_file(bundle_dir: Path, tmp_path: Path):
     from export.quantize import quantize_int8
-    from training.synthetic import render_part
+    from synthetic.parts import render_part
 
     bundle = load_bundle(bundle_dir)
     frames = [render_part(900 + i, None, 64) for i in range(4)]
@@ -276,7 +276,7 @@ def test_same_seed_same_split(parts_folder: Path, tmp_path: Path):
 
 def test_histogram_calibration_is_capped_to_fit_memory(bundle_dir: Path, tmp_path: Path):
     from export.quantize import HISTOGRAM_MAX_IMAGES, quantize_int8
-    from training.synthetic import render_part
+    from synthetic.parts import render_part
 
     bundle = load_bundle(bundle_dir)
     frames = [render_part(900 + i, None, 64) for i in range(HISTOGRAM_MAX_IMAGES + 6)]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from appliance.errors import FrameError
-from appliance.preprocess import PreprocessSpec, preprocess, preprocess_batch
+from bundle.errors import FrameError
+from bundle.preprocess import PreprocessSpec, preprocess, preprocess_batch
 
 
 def _frame(h: int = 120, w: int = 160, channels: int = 3, seed: int = 0) -> np.ndarray:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError
 from appliance.settings import load_settings
+from bundle.errors import ConfigError
 from provisioning.__main__ import main
 from provisioning.render import Layout, StationRequest, render_station, render_unit
 

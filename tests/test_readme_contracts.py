@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from appliance.outbox import Outbox
-from appliance.results_log import ResultsLog
+from appliance.reporting.outbox import Outbox
+from appliance.reporting.results_log import ResultsLog
 
 REPO = Path(__file__).resolve().parents[1]
 

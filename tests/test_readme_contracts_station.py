@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 from mqtt_helpers import LINE, SITE, Subscriber, start_station, station_settings, stop_station, wait_until
 
-from appliance.bundle import load_bundle
-from appliance.decision import Mode
-from appliance.errors import GpuUnavailableError
-from appliance.ort_backend import OnnxRuntimeBackend
+from appliance.inference.supervisor import BackendSupervisor
 from appliance.settings import StationSettings
-from appliance.supervisor import BackendSupervisor
+from bundle.decision import Mode
+from bundle.errors import GpuUnavailableError
+from bundle.format import load_bundle
+from bundle.onnx_runtime import OnnxRuntimeBackend
 from engines.manifest import EngineManifest, manifest_path, write_manifest
 from engines.store import EngineKey
 from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto, free_port

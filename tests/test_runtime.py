@@ -16,16 +16,16 @@ from pathlib import Path
 import cv2
 import pytest
 
-from appliance.camera import open_source
-from appliance.decision import Mode, OperatingPoint
-from appliance.errors import GpuUnavailableError
-from appliance.ort_backend import OnnxRuntimeBackend
-from appliance.pipeline import Pipeline, PipelineConfig
-from appliance.results_log import ResultsLog
+from appliance.camera.sources import open_source
+from appliance.inference.supervisor import BackendSupervisor
+from appliance.reporting.results_log import ResultsLog
 from appliance.runtime import LogReporter, build_pipeline, operating_point, operating_points
 from appliance.settings import CameraSection, StationSettings
-from appliance.supervisor import BackendSupervisor
-from training.synthetic import render_part
+from appliance.station.pipeline import Pipeline, PipelineConfig
+from bundle.decision import Mode, OperatingPoint
+from bundle.errors import GpuUnavailableError
+from bundle.onnx_runtime import OnnxRuntimeBackend
+from synthetic.parts import render_part
 
 
 def _frames(folder: Path, n: int, bad: int | None = None) -> Path:
@@ -72,10 +72,10 @@ def test_every_frame_of_a_folder_is_inspected_and_recorded(tmp_path: Path, bundl
 
 
 def test_scores_equal_the_bundle_run_directly(tmp_path: Path, bundle_dir: Path):
-    from appliance.bundle import load_bundle
-    from appliance.decision import defect_score
-    from appliance.images import read_image
-    from appliance.preprocess import preprocess
+    from bundle.decision import defect_score
+    from bundle.format import load_bundle
+    from bundle.images import read_image
+    from bundle.preprocess import preprocess
 
     folder = _frames(tmp_path / "frames", 3)
     pipeline, results = build_pipeline(_settings(tmp_path, bundle_dir, str(folder)))
@@ -126,7 +126,7 @@ class DiesOnCall:
 def _pipeline_with(tmp_path: Path, bundle_dir: Path, n: int, primary_factory, fallback, results: ResultsLog,
                    retry_s: float = 0.0) -> Pipeline:
     settings = _settings(tmp_path, bundle_dir, str(_frames(tmp_path / "frames", n)))
-    from appliance.bundle import load_bundle
+    from bundle.format import load_bundle
 
     bundle = load_bundle(bundle_dir)
     config = PipelineConfig(station_id="st-test", spec=bundle.metadata.preprocess,
@@ -141,7 +141,7 @@ def _pipeline_with(tmp_path: Path, bundle_dir: Path, n: int, primary_factory, fa
 
 
 def test_gpu_lost_mid_run_goes_to_manual_within_one_part_and_comes_back(tmp_path: Path, bundle_dir: Path):
-    from appliance.bundle import load_bundle
+    from bundle.format import load_bundle
 
     onnx = load_bundle(bundle_dir).path("onnx_fp32")
     calls = {"n": 0}
@@ -170,7 +170,7 @@ def test_gpu_lost_mid_run_goes_to_manual_within_one_part_and_comes_back(tmp_path
 
 def test_a_fatal_cuda_error_gives_the_part_to_the_fallback_then_stops_for_a_restart(tmp_path: Path,
                                                                                      bundle_dir: Path):
-    from appliance.bundle import load_bundle
+    from bundle.format import load_bundle
 
     onnx = load_bundle(bundle_dir).path("onnx_fp32")
     opened = []
@@ -202,7 +202,7 @@ def test_a_fatal_cuda_error_gives_the_part_to_the_fallback_then_stops_for_a_rest
 
 def test_a_fatal_cuda_error_without_a_fallback_sends_the_part_to_a_human_then_stops(tmp_path: Path,
                                                                                     bundle_dir: Path):
-    from appliance.bundle import load_bundle
+    from bundle.format import load_bundle
 
     onnx = load_bundle(bundle_dir).path("onnx_fp32")
     results = ResultsLog(tmp_path / "r.sqlite3")
@@ -276,7 +276,7 @@ def test_the_systemd_unit_restarts_on_the_fatal_cuda_exit_code():
 
 def test_engines_of_each_precision_get_their_operating_point_and_station_overrides_win(tmp_path: Path,
                                                                                         bundle_dir: Path):
-    from appliance.bundle import load_bundle
+    from bundle.format import load_bundle
 
     bundle = load_bundle(bundle_dir)
     meta = bundle.metadata
@@ -294,7 +294,7 @@ def test_engines_of_each_precision_get_their_operating_point_and_station_overrid
 def test_a_part_is_judged_at_the_operating_point_of_the_backend_that_scored_it(tmp_path: Path, bundle_dir: Path):
     # "tensorrt" fails every part (threshold 0), the ONNX Runtime fallback passes every part (threshold 1):
     # the verdicts show which operating point judged each part across the switch.
-    from appliance.bundle import load_bundle
+    from bundle.format import load_bundle
 
     onnx = load_bundle(bundle_dir).path("onnx_fp32")
     folder = _frames(tmp_path / "frames", 6)
@@ -390,7 +390,7 @@ def test_run_help_explains_the_stop_behaviour(capsys: pytest.CaptureFixture[str]
 
 
 def test_mode_command_during_gpu_fallback_takes_effect_when_the_gpu_is_back(tmp_path: Path, bundle_dir: Path):
-    from appliance.bundle import load_bundle
+    from bundle.format import load_bundle
 
     onnx = load_bundle(bundle_dir).path("onnx_fp32")
     calls = {"n": 0}

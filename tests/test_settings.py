@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import main
-from appliance.errors import ConfigError
 from appliance.settings import load_settings, mqtt_password
+from bundle.errors import ConfigError
 
 GOOD = """
 [station]

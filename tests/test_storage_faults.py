@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from mqtt_helpers import Subscriber, start_station, station_settings, stop_station, wait_until
 
-from appliance.decision import Mode
-from appliance.outbox import NewMessage, Outbox
-from appliance.recorder import StoreWriter
-from appliance.results_log import InspectionRecord, LoggedEvent, ResultsLog
+from appliance.reporting.outbox import NewMessage, Outbox
+from appliance.reporting.recorder import StoreWriter
+from appliance.reporting.results_log import InspectionRecord, LoggedEvent, ResultsLog
+from bundle.decision import Mode
 from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance.errors import DatasetError
-from appliance.images import list_images, read_image
-from training.synthetic import DEFECT_KINDS, render_part, render_stream, write_dataset
+from bundle.errors import DatasetError
+from bundle.images import list_images, read_image
+from synthetic.parts import DEFECT_KINDS, render_part, render_stream
+from training.synthetic import write_dataset
 
 
 @pytest.mark.parametrize("color", [False, True])

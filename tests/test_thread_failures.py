@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from mqtt_helpers import Subscriber, station_settings
 
-from appliance.mqtt_link import MqttLink
-from appliance.pipeline import Pipeline
-from appliance.recorder import StoreWriter
-from appliance.reporting import MqttReporter
-from appliance.results_log import ResultsLog
+from appliance.reporting.mqtt_link import MqttLink
+from appliance.reporting.mqtt_reporter import MqttReporter
+from appliance.reporting.recorder import StoreWriter
+from appliance.reporting.results_log import ResultsLog
 from appliance.runtime import run
+from appliance.station.pipeline import Pipeline
 from appliance.threads import EXIT_THREAD_FAILED
 from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from appliance.errors import DatasetError
-from appliance.images import DEFAULT_MAX_PIXELS
+from bundle.errors import DatasetError
+from bundle.images import DEFAULT_MAX_PIXELS
 from tests.conftest import tiny_config
 from training.__main__ import build_parser, config_from_args
 from training.__main__ import main as training_main

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from appliance.errors import CheckpointError
+from bundle.errors import CheckpointError
 from tests.conftest import tiny_config
 from training import trainer
 from training.__main__ import main as training_main

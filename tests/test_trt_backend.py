@@ -17,13 +17,14 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from appliance.backend import InferenceBackend
-from appliance.cuda_memory import CudaThreadError, live_resources
-from appliance.errors import GpuUnavailableError
-from appliance.trt_backend import TensorRTBackend, device_info
+from appliance.inference.backend import InferenceBackend
+from bundle.errors import GpuUnavailableError
 from engines.build import network_creation_flags
+from engines.cuda_memory import CudaThreadError, live_resources
 from engines.manifest import DeviceInfo, EngineManifest, manifest_path, write_manifest
 from engines.plan import BuildRequest, plan_build
+from engines.runner import TensorRTBackend
+from engines.tensorrt import device_info
 
 ORIN = DeviceInfo(tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7")
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def without_gpu_stack(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_backend_modules_import_without_tensorrt_or_pycuda() -> None:
     # A fresh interpreter: other tests in this session may have imported pycuda legitimately.
     code = (
-        "import sys, appliance.trt_backend, appliance.cuda_memory, engines.manifest\n"
+        "import sys, engines.runner, engines.cuda_memory, engines.manifest\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'pycuda'))\n"
         "assert not loaded, loaded\n"
     )
@@ -171,8 +172,8 @@ def test_the_station_setting_reaches_the_backend(tmp_path: Path, monkeypatch: py
         def __init__(self, engine: Path, **kwargs: object) -> None:
             seen.update(kwargs)
 
-    monkeypatch.setattr("appliance.trt_backend.TensorRTBackend", Recorder)
-    monkeypatch.setattr("appliance.trt_backend.device_info", lambda: ORIN)
+    monkeypatch.setattr("engines.runner.TensorRTBackend", Recorder)
+    monkeypatch.setattr("engines.tensorrt.device_info", lambda: ORIN)
     monkeypatch.setattr(runtime, "find_engine", lambda settings, bundle, device: tmp_path / "model.engine")
     settings = StationSettings(inference={"backend": "tensorrt", "allow_other_gpu_model": True},
                                mqtt={"enabled": False})

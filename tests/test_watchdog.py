@@ -18,16 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bundle import load_bundle
-from appliance.decision import Mode
-from appliance.ort_backend import OnnxRuntimeBackend
-from appliance.pipeline import Pipeline, PipelineConfig
-from appliance.reporting import LogReporter
-from appliance.results_log import ResultsLog
+from appliance.inference.supervisor import BackendSupervisor
+from appliance.reporting.mqtt_reporter import LogReporter
+from appliance.reporting.results_log import ResultsLog
 from appliance.runtime import operating_point
 from appliance.settings import CameraSection, StationSettings
-from appliance.supervisor import BackendSupervisor
-from appliance.watchdog import Watchdog, notify, watchdog_interval_s
+from appliance.station.pipeline import Pipeline, PipelineConfig
+from appliance.station.watchdog import Watchdog, notify, watchdog_interval_s
+from bundle.decision import Mode
+from bundle.format import load_bundle
+from bundle.onnx_runtime import OnnxRuntimeBackend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def test_a_hung_inference_is_a_stall_and_clears_when_it_returns(tmp_path: Path, 
 
 
 def _synthetic(n: int):
-    from appliance.camera import open_source
+    from appliance.camera.sources import open_source
 
     return open_source(CameraSection(source=f"synthetic:{n}"))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import cv2
 
-from appliance.images import read_image
+from bundle.images import read_image
 from training.datasets import elpv_package_dir
 
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from appliance.errors import ApplianceError
-from appliance.images import DEFAULT_MAX_PIXELS, bit_depth_option, max_pixels_option
+from bundle.errors import ApplianceError
+from bundle.images import DEFAULT_MAX_PIXELS, bit_depth_option, max_pixels_option
 
 if TYPE_CHECKING:
     from training.trainer import TrainConfig

@@ -23,8 +23,8 @@ import cv2
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from appliance.errors import ApplianceError, ConfigError, DatasetError
-from appliance.images import (
+from bundle.errors import ApplianceError, ConfigError, DatasetError
+from bundle.images import (
     DEFAULT_BIT_DEPTH,
     DEFAULT_MAX_PIXELS,
     BitDepth,
@@ -444,7 +444,7 @@ def preview_grid(images: list[np.ndarray], cfg: AugmentConfig, path: Path, seed:
 def _preview_images(folder: Path | None, count: int, seed: int, bit_depth: BitDepth = DEFAULT_BIT_DEPTH,
                     max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
     if folder is None:
-        from training.synthetic import DEFECT_KINDS, render_part
+        from synthetic.parts import DEFECT_KINDS, render_part
 
         # Alternate BGR and gray rows: both code paths, and the colour effects (oil tint) show.
         return [

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.errors import DatasetError
-from appliance.images import (
+from bundle.errors import DatasetError
+from bundle.images import (
     DEFAULT_BIT_DEPTH,
     DEFAULT_MAX_PIXELS,
     BitDepth,
@@ -51,7 +51,7 @@ def load_folder(
 ) -> list[Sample]:
     """Load a customer dataset: `root/ok/*.png|jpg...` and `root/defect/*`, both non-empty.
 
-    Images are read as the station reads them (appliance.images.read_image): `bit_depth` as the station's
+    Images are read as the station reads them (bundle.images.read_image): `bit_depth` as the station's
     camera.bit_depth (a dataset saved from a Mono12 camera needs 12), files over `max_pixels` refused.
     """
     root = Path(root)
@@ -124,7 +124,7 @@ def load_synthetic(
     n_ok: int, n_defect: int, seed: int = 0, size: int = 256, color: bool = False, severity: float = 1.0
 ) -> list[Sample]:
     """Synthetic machined parts rendered in memory (deterministic by seed)."""
-    from training.synthetic import DEFECT_KINDS, render_part
+    from synthetic.parts import DEFECT_KINDS, render_part
 
     samples = [
         Sample(name=f"ok/{seed}_{i:05d}", image=render_part(seed * 1_000_003 + i, None, size, color), label=0,

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from appliance.errors import CheckpointError
+from bundle.errors import CheckpointError
 
 Backbone = Literal["efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 BACKBONES: tuple[str, ...] = ("efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")

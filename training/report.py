@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from appliance.bundle import CLASS_NAMES
+from bundle.format import CLASS_NAMES
 from training.metrics import (
     band_outcomes,
     binary_metrics,

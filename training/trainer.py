@@ -29,10 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from appliance.bundle import CLASS_NAMES
-from appliance.errors import CheckpointError, DatasetError
-from appliance.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, BitDepth
-from appliance.preprocess import PreprocessSpec, preprocess
+from bundle.errors import CheckpointError, DatasetError
+from bundle.format import CLASS_NAMES
+from bundle.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, BitDepth
+from bundle.preprocess import PreprocessSpec, preprocess
 from training.augment import AugmentConfig, augment
 from training.datasets import (
     Sample,

@@ -39,8 +39,8 @@ STAGE_KEYS = (
 
 
 def summarize(values_ms: list[float]) -> dict[str, float]:
-    """p50, p99, mean and max of latencies in ms (the percentile of appliance.stats, as heartbeats use)."""
-    from appliance.stats import percentile
+    """p50, p99, mean and max of latencies in ms (the percentile of appliance.station.stats, as heartbeats use)."""
+    from appliance.station.stats import percentile
 
     if not values_ms:
         raise BenchError("no latencies were measured")
@@ -161,7 +161,7 @@ class ThreadCpuSampler:
 
 
 def _frame_files(frames: Path) -> list[Path]:
-    from appliance.images import list_images
+    from bundle.images import list_images
 
     files = list_images(frames)
     if not files:
@@ -176,11 +176,11 @@ def bare_backend(bundle_dir: Path, frames: Path, threads: int, warmup: int) -> d
     """OnnxRuntimeBackend.infer on the bundle's FP32 ONNX, one preprocessed frame per call."""
     import numpy as np
 
-    from appliance.bundle import load_bundle
-    from appliance.decision import defect_score
-    from appliance.images import read_image
-    from appliance.ort_backend import OnnxRuntimeBackend
-    from appliance.preprocess import preprocess
+    from bundle.decision import defect_score
+    from bundle.format import load_bundle
+    from bundle.images import read_image
+    from bundle.onnx_runtime import OnnxRuntimeBackend
+    from bundle.preprocess import preprocess
 
     bundle = load_bundle(bundle_dir)
     spec = bundle.metadata.preprocess
@@ -271,7 +271,7 @@ def naive_torch(run_dir: Path, frames: Path, warmup: int) -> dict[str, Any]:
     import cv2
     import torch
 
-    from appliance.preprocess import PreprocessSpec
+    from bundle.preprocess import PreprocessSpec
     from training.model import build_model
     from training.trainer import TrainConfig, load_checkpoint
 

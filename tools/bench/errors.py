@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.errors import ApplianceError
+from bundle.errors import ApplianceError
 
 
 class BenchError(ApplianceError):

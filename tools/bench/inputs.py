@@ -5,7 +5,7 @@ the folder to rebuild them. Building runs in child processes (`python -m trainin
 `python -m tools.bench.inputs frames`), so the orchestrating process never holds torch or frame arrays
 (its peak RSS would be inherited by every case process it starts; see `cases.process_usage`).
 
-Frames: `training.synthetic.render_stream` renders square parts; a 640x480 camera over a conveyor sees
+Frames: `synthetic.parts.render_stream` renders square parts; a 640x480 camera over a conveyor sees
 the part filling the 480-px height with belt to the left and right. So each part is rendered at 480x480
 and widened to 640 with belt: the median colour of the render's corners plus noise of the same strength
 and faint streaks along the belt's run. Mirroring the render instead would paint copies of the part's
@@ -128,7 +128,7 @@ def render_frames(folder: Path, n: int) -> None:
     import cv2
     import numpy as np
 
-    from training.synthetic import render_stream
+    from synthetic.parts import render_stream
 
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("frame_*.png"):

@@ -29,11 +29,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from appliance.mqtt_link import LinkConfig, MqttLink
-from appliance.outbox import Outbox
-from appliance.payloads import BirthPayload, ResultPayload, Topics
-from appliance.reporting import LogReporter, MqttReporter
-from appliance.results_log import InspectionRecord, ResultsLog
+from appliance.reporting.mqtt_link import LinkConfig, MqttLink
+from appliance.reporting.mqtt_reporter import LogReporter, MqttReporter
+from appliance.reporting.outbox import Outbox
+from appliance.reporting.payloads import BirthPayload, ResultPayload, Topics
+from appliance.reporting.results_log import InspectionRecord, ResultsLog
 from tools.bench.report import machine_info
 from tools.broker import MosquittoBroker, find_mosquitto
 

@@ -27,10 +27,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from appliance.sqlite_store import describe
+from appliance.reporting.sqlite_store import describe
 from appliance.threads import FailureSink, start_guarded
 
-log = logging.getLogger("appliance.recorder")
+log = logging.getLogger("appliance.reporting.recorder")
 
 T = TypeVar("T")
 EventSink = Callable[[str, dict[str, Any]], None]

@@ -10,7 +10,7 @@ Every model forbids unknown fields: a dashboard author's typo, or a command from
 fails loudly instead of being half understood. Bump `SCHEMA_VERSION` on any incompatible change.
 
 Topics: `<root>/<site>/<line>/<station>/<kind>`, kinds in `KINDS`. Export the schemas with
-`python -m appliance.payloads --out docs/schemas`.
+`python -m appliance.reporting.payloads --out docs/schemas`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from appliance.results_log import InspectionRecord
+from appliance.reporting.results_log import InspectionRecord
 
 SCHEMA_VERSION = 2  # 2: health.storage
 
@@ -507,7 +507,7 @@ def write_json_schemas(folder: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m appliance.payloads", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m appliance.reporting.payloads", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/schemas"), help="folder for the *.schema.json files")
     args = parser.parse_args(argv)
     for path in write_json_schemas(args.out):

@@ -6,7 +6,7 @@ anything, so a stale engine fails with "built with TensorRT X, this device has Y
 "Version tag does not match".
 
 Threading: the backend is created, run and closed on ONE thread, the inference thread, which owns the CUDA
-context (appliance.cuda_memory refuses CUDA work from any other thread). The preprocess stage may write
+context (engines.cuda_memory refuses CUDA work from any other thread). The preprocess stage may write
 into `input_buffer(slot)` from its own thread: it is pinned host memory, filled in place.
 
 Everything is allocated once in the constructor; `run()` allocates nothing on the GPU or in pinned memory.
@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance.cuda_memory import (
+from bundle.errors import GpuUnavailableError
+from engines.cuda_memory import (
     CudaContext,
     CudaFatalError,
     CudaStream,
@@ -30,11 +31,8 @@ from appliance.cuda_memory import (
     PinnedHostBuffer,
     copy_dtoh_async,
     copy_htod_async,
-    device_identity,
-    device_multiprocessors,
     fatal_cuda_error,
 )
-from appliance.errors import GpuUnavailableError
 from engines.manifest import (
     REBUILD,
     DeviceInfo,
@@ -44,56 +42,9 @@ from engines.manifest import (
     load_manifest,
     manifest_path,
 )
+from engines.tensorrt import device_info, import_tensorrt, make_logger
 
 log = logging.getLogger(__name__)
-
-TENSORRT_MISSING = (
-    "TensorRT Python bindings not importable: on a Jetson they come with JetPack (python3-libnvinfer); "
-    "the venv needs --system-site-packages"
-)
-
-
-def import_tensorrt() -> ModuleType:
-    """`tensorrt`, imported on first use; GpuUnavailableError with the JetPack hint when missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise GpuUnavailableError(f"{TENSORRT_MISSING} ({exc})") from exc
-    return trt
-
-
-def device_info(device_index: int = 0) -> DeviceInfo:
-    """This device as engine compatibility sees it: TensorRT version, GPU name and size, compute capability."""
-    trt = import_tensorrt()
-    name, capability = device_identity(device_index)
-    return DeviceInfo(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=capability,
-                      gpu_multiprocessors=device_multiprocessors(device_index))
-
-
-def _make_logger(trt: ModuleType) -> Any:
-    """A TensorRT logger that forwards to `logging` and remembers the last error for exception messages.
-
-    The class derives from trt.ILogger, so it can only be defined once TensorRT is imported.
-    """
-    severity = trt.ILogger.Severity
-    errors = {severity.INTERNAL_ERROR, severity.ERROR}
-
-    class _ForwardingLogger(trt.ILogger):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)  # TensorRT requires the explicit base-class init
-            self.last_error = ""
-
-        def log(self, sev: Any, msg: str) -> None:
-            if sev in errors:
-                self.last_error = msg
-                log.error("TensorRT: %s", msg)
-            elif sev == severity.WARNING:
-                log.warning("TensorRT: %s", msg)
-            elif sev == severity.INFO:
-                log.debug("TensorRT: %s", msg)
-
-    return _ForwardingLogger()
-
 
 class TensorRTBackend:
     """A serialized TensorRT engine run one frame at a time through pinned, double-buffered input slots."""
@@ -189,7 +140,7 @@ class TensorRTBackend:
 
     def _open(self, trt: ModuleType, blob: bytes) -> None:
         """Deserialize, find the tensors, allocate the buffers and bind them (context current)."""
-        self._logger = _make_logger(trt)
+        self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         if self.dla_core is not None:
             available = int(self._runtime.num_DLA_cores)

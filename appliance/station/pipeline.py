@@ -26,17 +26,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from appliance.backend import InferenceBackend
-from appliance.camera import Frame
-from appliance.decision import Mode, OperatingPoint, decide_part, defect_score
-from appliance.errors import ApplianceError, FrameError
-from appliance.preprocess import PreprocessSpec, preprocess
-from appliance.results_log import InspectionRecord
-from appliance.stats import RollingStats
-from appliance.supervisor import BackendSupervisor
+from appliance.camera.sources import Frame
+from appliance.inference.backend import InferenceBackend
+from appliance.inference.supervisor import BackendSupervisor
+from appliance.reporting.results_log import InspectionRecord
+from appliance.station.stats import RollingStats
 from appliance.threads import ThreadFailure
+from bundle.decision import Mode, OperatingPoint, decide_part, defect_score
+from bundle.errors import ApplianceError, FrameError
+from bundle.preprocess import PreprocessSpec, preprocess
 
-log = logging.getLogger("appliance.pipeline")
+log = logging.getLogger("appliance.station.pipeline")
 
 _STOP = object()  # end-of-stream marker passed down the stages
 

@@ -20,8 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from appliance.errors import BundleError
-from appliance.preprocess import PreprocessSpec
+from bundle.errors import BundleError
+from bundle.preprocess import PreprocessSpec
 
 METADATA_FILE = "metadata.json"
 # 2: decision_by_precision. Version 1 bundles still load (their one operating point serves every precision).

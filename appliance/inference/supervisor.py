@@ -6,7 +6,7 @@
   (every part `manual_required`, with the reason), and retries the GPU with capped exponential backoff,
   returning to production by itself when it works.
 - `onnxruntime`: the bundle's FP32 ONNX on the CPU; a failure there is retried the same way.
-- A fatal CUDA error (illegal address, launch failure: `appliance.cuda_memory.FATAL_CUDA_ERRORS`) leaves this
+- A fatal CUDA error (illegal address, launch failure: `engines.cuda_memory.FATAL_CUDA_ERRORS`) leaves this
   process's CUDA context unusable, so retrying in the same process can never succeed: the part at hand still
   goes to the fallback, then `fatal` holds the reason, no retry follows, and a `cuda_fatal` event asks for
   the restart (the runtime then exits with EXIT_CUDA_FATAL and systemd starts a fresh process).
@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from appliance.backend import InferenceBackend
-from appliance.cuda_memory import fatal_cuda_error
-from appliance.errors import ApplianceError
+from appliance.inference.backend import InferenceBackend
 from appliance.threads import EXIT_CUDA_FATAL
+from bundle.errors import ApplianceError
+from engines.cuda_memory import fatal_cuda_error
 
 BackendFactory = Callable[[], InferenceBackend]
 EventSink = Callable[[str, dict[str, Any]], None]

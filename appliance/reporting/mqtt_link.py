@@ -47,9 +47,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from appliance.outbox import Outbox
-from appliance.payloads import BirthPayload, StatusPayload, Topics, restamp
-from appliance.sqlite_store import describe
+from appliance.reporting.outbox import Outbox
+from appliance.reporting.payloads import BirthPayload, StatusPayload, Topics, restamp
+from appliance.reporting.sqlite_store import describe
 from appliance.threads import FailureSink, ThreadFailure, start_guarded
 
 log = logging.getLogger("appliance.mqtt")

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.sqlite_store import SqliteStore
+from appliance.reporting.sqlite_store import SqliteStore
 
 SCHEMA_VERSION = 2  # 2: dead_letters
 HEARTBEAT_KIND = "health"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.errors import BundleError
+from bundle.errors import BundleError
 
 
 class OnnxRuntimeBackend:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.errors import GpuUnavailableError
+from bundle.errors import GpuUnavailableError
 
 _PYCUDA_HINT = (
     "pycuda is built from source against the installed CUDA (on a Jetson: JetPack's CUDA, see "

@@ -31,7 +31,7 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(OPENCV_MAX_PIXELS))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from appliance.errors import FrameError, ImageReadError  # noqa: E402
+from bundle.errors import FrameError, ImageReadError  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

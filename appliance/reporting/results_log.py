@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.sqlite_store import SqliteStore
+from appliance.reporting.sqlite_store import SqliteStore
 
 SCHEMA_VERSION = 1
 

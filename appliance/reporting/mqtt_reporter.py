@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
-from appliance.decision import Mode
-from appliance.device_health import gpu_health
-from appliance.mqtt_link import LinkConfig, MqttLink
-from appliance.outbox import NewMessage, Outbox
-from appliance.payloads import (
+from appliance.inference.device_health import gpu_health
+from appliance.reporting.mqtt_link import LinkConfig, MqttLink
+from appliance.reporting.outbox import NewMessage, Outbox
+from appliance.reporting.payloads import (
     DEFAULT_MAX_COMMAND_BYTES,
     AlertPayload,
     BirthPayload,
@@ -48,12 +47,13 @@ from appliance.payloads import (
     TriggerCommand,
     parse_command,
 )
-from appliance.pipeline import Pipeline
-from appliance.recorder import StoreWriter
-from appliance.results_log import InspectionRecord, LoggedEvent, ResultsLog
+from appliance.reporting.recorder import StoreWriter
+from appliance.reporting.results_log import InspectionRecord, LoggedEvent, ResultsLog
+from appliance.station.pipeline import Pipeline
 from appliance.threads import FailureLatch, ThreadFailure, start_guarded
+from bundle.decision import Mode
 
-log = logging.getLogger("appliance.reporting")
+log = logging.getLogger("appliance.reporting.mqtt_reporter")
 
 BOOT_ID = uuid.uuid4().hex  # one per process: a birth with a new boot id means the station restarted
 _SEEN_COMMANDS = 1024  # message ids remembered for de-duplication

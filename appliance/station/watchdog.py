@@ -15,7 +15,7 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 
-log = logging.getLogger("appliance.watchdog")
+log = logging.getLogger("appliance.station.watchdog")
 
 
 def notify(message: str, env: Mapping[str, str] | None = None) -> bool:

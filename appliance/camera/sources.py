@@ -37,8 +37,9 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from appliance.errors import CameraError, FrameError, ImageReadError
-from appliance.images import (
+from appliance.settings import CameraSection
+from bundle.errors import CameraError, FrameError, ImageReadError
+from bundle.images import (
     DEFAULT_BIT_DEPTH,
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -48,8 +49,7 @@ from appliance.images import (
     list_images,
     to_8bit,
 )
-from appliance.preprocess import check_frame
-from appliance.settings import CameraSection
+from bundle.preprocess import check_frame
 
 log = logging.getLogger(__name__)
 
@@ -381,16 +381,16 @@ class ImageFilesSource(OnDemandSource):
 
 
 class SyntheticSource(OnDemandSource):
-    """Synthetic machined parts (training.synthetic): endless, or `count` parts, repeated with loop."""
+    """Synthetic machined parts (synthetic.parts): endless, or `count` parts, repeated with loop."""
 
     kind = "synthetic"
 
     def __init__(self, count: int | None = None, loop: bool = False, size: int = _SYNTHETIC_SIZE, seed: int = 0):
         # Rendered as 8-bit images whatever camera.bit_depth says: the setting describes a real camera.
         super().__init__("synthetic" if count is None else f"synthetic:{count}", loop)
-        # Imported here: training.synthetic needs only OpenCV and numpy (no torch), and stations that use
+        # Imported here: synthetic.parts needs only OpenCV and numpy (no torch), and stations that use
         # a real camera should not load it at all.
-        from training.synthetic import render_stream
+        from synthetic.parts import render_stream
 
         self._render_stream = render_stream
         self._count, self._size, self._seed = count, size, seed

@@ -110,7 +110,7 @@ class Doctor:
                         f"(agreement {v.get('decision_agreement', float('nan')):.1%})")
 
     def camera(self) -> tuple[Outcome, str]:
-        from appliance.camera.sources import open_source
+        from appliance.camera import open_source
 
         started = time.monotonic()
         source = open_source(self.settings.camera)

@@ -163,7 +163,7 @@ def mqtt_link_config(settings: StationSettings) -> LinkConfig:
 
 def build_station(settings: StationSettings, reporter=None, source=None, mqtt: bool | None = None) -> Station:
     """Everything `appliance run` starts, not yet started. `mqtt` defaults to `mqtt.enabled`."""
-    from appliance.camera.sources import open_source
+    from appliance.camera import open_source
 
     bundle = load_bundle(settings.model.bundle, verify=settings.model.verify_bundle)
     ops = operating_points(settings, bundle)

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from appliance.camera.sources import open_source
+from appliance.camera import open_source
 from appliance.inference.supervisor import BackendSupervisor
 from appliance.reporting.results_log import ResultsLog
 from appliance.runtime import LogReporter, build_pipeline, operating_point, operating_points

@@ -161,7 +161,7 @@ def test_a_hung_inference_is_a_stall_and_clears_when_it_returns(tmp_path: Path, 
 
 
 def _synthetic(n: int):
-    from appliance.camera.sources import open_source
+    from appliance.camera import open_source
 
     return open_source(CameraSection(source=f"synthetic:{n}"))
 

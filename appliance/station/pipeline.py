@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from appliance.camera.sources import Frame
+from appliance.camera import Frame
 from appliance.inference.backend import InferenceBackend
 from appliance.inference.supervisor import BackendSupervisor
 from appliance.reporting.results_log import InspectionRecord

@@ -94,10 +94,11 @@ class Doctor:
             return "FAIL", "no usable model bundle (see above)"
         if self._device is None:
             return "FAIL", "cannot be checked without TensorRT and a GPU (see above)"
-        from appliance.runtime import find_engine
+        from appliance.inference.tensorrt import find_engine
         from engines.manifest import incompatibilities, load_manifest, manifest_path
 
-        engine = find_engine(self.settings, self._bundle, self._device)
+        engine = find_engine(self.settings.model.engine_dir, self._bundle, self.settings.inference.precision,
+                             self._device)
         manifest = load_manifest(manifest_path(engine))
         problems = incompatibilities(manifest, self._device,
                                      allow_other_gpu_model=self.settings.inference.allow_other_gpu_model)

@@ -12,24 +12,32 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
+from appliance.camera import FrameSource, open_source
+from appliance.inference.backend import BackendRequest
+from appliance.inference.registry import BACKENDS, CPU_FALLBACK, primary_backend
 from appliance.inference.supervisor import BackendSupervisor, EventSink
-from appliance.reporting.mqtt_link import LinkConfig
-from appliance.reporting.mqtt_reporter import LogReporter, MqttReporter, config_hash
+from appliance.reporting.commands import CommandHandler
+from appliance.reporting.fanout import FanOut
+from appliance.reporting.heartbeat import HeartbeatMonitor
+from appliance.reporting.mqtt_link import LinkConfig, MqttLink
+from appliance.reporting.mqtt_sink import MqttSink
 from appliance.reporting.outbox import Outbox
 from appliance.reporting.payloads import PART_ID_PATTERN, Topics
+from appliance.reporting.presence import Presence, config_hash
 from appliance.reporting.results_log import ResultsLog
+from appliance.reporting.results_sink import ResultsLogSink
+from appliance.reporting.storage_watch import StorageWatch
 from appliance.settings import StationSettings, mqtt_password
+from appliance.station.modes import ModeControl
 from appliance.station.pipeline import Pipeline, PipelineConfig
+from appliance.station.sink import Sink
 from appliance.station.watchdog import Watchdog, notify, watchdog_interval_s
-from appliance.threads import EXIT_CUDA_FATAL, EXIT_THREAD_FAILED, ThreadFailure
+from appliance.threads import EXIT_CUDA_FATAL, EXIT_THREAD_FAILED, FailureLatch, ThreadFailure
 from bundle.decision import Mode, OperatingPoint
-from bundle.errors import ConfigError, GpuUnavailableError
+from bundle.errors import ConfigError
 from bundle.format import Bundle, load_bundle
-from bundle.onnx_runtime import OnnxRuntimeBackend
-from engines.manifest import DeviceInfo
 
 log = logging.getLogger("appliance")
 SLOTS = 3  # two for double buffering between preprocess and inference, one spare for the inference thread
@@ -48,96 +56,36 @@ def operating_point(settings: StationSettings, bundle: Bundle, precision: str = 
 
 
 def operating_points(settings: StationSettings, bundle: Bundle) -> dict[str, OperatingPoint]:
-    """Operating point by backend name: the TensorRT engine's precision, and FP32 for the ONNX Runtime path.
+    """Operating point by backend name (inference.registry): TensorRT at the engine's precision, ONNX Runtime at FP32.
 
     A station whose INT8 engine falls back to the CPU switches threshold with the backend, so each part
     is judged at the point chosen for the scores that judged it.
     """
-    return {
-        "tensorrt": operating_point(settings, bundle, settings.inference.precision),
-        "onnxruntime": operating_point(settings, bundle, "fp32"),
-    }
+    configured = settings.inference.precision
+    return {name: operating_point(settings, bundle, entry.decision_precision(configured))
+            for name, entry in BACKENDS.items()}
 
 
-def find_engine(settings: StationSettings, bundle: Bundle, device: DeviceInfo | None = None) -> Path:
-    """The engine built on this device for this bundle and precision (by its manifest).
-
-    Several may match (an engine from before a JetPack upgrade stays until removed): the one that fits
-    `device` wins, else the newest, which the backend then refuses with the reason.
-    """
-    from engines.manifest import incompatibilities, load_manifest, manifest_path
-
-    folder = settings.model.engine_dir
-    matching = []
-    for engine in sorted(folder.glob("*.engine")) if folder.is_dir() else []:
-        try:
-            m = load_manifest(manifest_path(engine))
-        except GpuUnavailableError:
-            continue
-        if m.bundle_model_id != bundle.model_id or m.precision != settings.inference.precision:
-            continue
-        if m.validation is not None and not m.validation.get("passed", False):
-            continue
-        fits = device is not None and not incompatibilities(m, device)
-        matching.append((fits, m.built_utc, engine))
-    if not matching:
-        raise GpuUnavailableError(
-            f"no {settings.inference.precision} engine for model {bundle.model_id} in {folder}",
-            hint=f"build it on this device: make engine BUNDLE={settings.model.bundle} "
-                 f"PRECISION={settings.inference.precision}",
-        )
-    return max(matching)[2]
+def backend_request(settings: StationSettings, bundle: Bundle) -> BackendRequest:
+    inf = settings.inference
+    return BackendRequest(bundle=bundle, engine_dir=settings.model.engine_dir, precision=inf.precision,
+                          threads=inf.threads, slots=SLOTS, allow_other_gpu_model=inf.allow_other_gpu_model)
 
 
 def supervisor_factory(settings: StationSettings, bundle: Bundle):
     """A function the inference thread calls to build its BackendSupervisor (on that thread)."""
     inf = settings.inference
-
-    def cpu() -> OnnxRuntimeBackend:
-        return OnnxRuntimeBackend(bundle.path("onnx_fp32"), threads=inf.threads, slots=SLOTS,
-                                  model_id=bundle.model_id, spin=False)
-
-    def gpu():
-        from engines.runner import TensorRTBackend
-        from engines.tensorrt import device_info
-
-        device = device_info()
-        return TensorRTBackend(find_engine(settings, bundle, device), slots=SLOTS, device=device,
-                               allow_other_gpu_model=inf.allow_other_gpu_model)
+    request = backend_request(settings, bundle)
+    primary = primary_backend(inf.backend)
+    cpu = BACKENDS[CPU_FALLBACK]
+    with_fallback = primary.name != cpu.name and inf.cpu_fallback and bundle.has("onnx_fp32")
 
     def build(on_event: EventSink) -> BackendSupervisor:
-        if inf.backend == "onnxruntime":
-            return BackendSupervisor(cpu, "onnxruntime", None, on_event, retry_max_s=inf.gpu_retry_max_s)
-        fallback = cpu if inf.cpu_fallback and bundle.has("onnx_fp32") else None
-        return BackendSupervisor(gpu, "tensorrt", fallback, on_event, retry_max_s=inf.gpu_retry_max_s)
+        fallback = (lambda: cpu.open(request)) if with_fallback else None
+        return BackendSupervisor(lambda: primary.open(request), primary.name, fallback, on_event,
+                                 retry_max_s=inf.gpu_retry_max_s)
 
     return build
-
-
-@dataclass
-class Station:
-    """What `appliance run` starts: the pipeline, its local results log, and the MQTT side when enabled."""
-
-    pipeline: Pipeline
-    results: ResultsLog
-    mqtt: MqttReporter | None = None
-    outbox: Outbox | None = None
-    local: LogReporter | None = None  # the results log's writer and the storage watch
-
-    def failure(self) -> ThreadFailure | None:
-        """The first station thread that died (pipeline stage, MQTT link or monitor, store writer), if any."""
-        for failure in (self.pipeline.failure, self.local.failures.failure if self.local else None):
-            if failure is not None:
-                return failure
-        return None
-
-    def close(self, timeout: float = 10.0) -> bool:
-        """Write what the writers still hold (bounded), then close the files. True when nothing was left."""
-        written = self.local.close(timeout) if self.local is not None else True
-        if self.outbox is not None:
-            self.outbox.close()
-        self.results.close()
-        return written
 
 
 def mqtt_link_config(settings: StationSettings) -> LinkConfig:
@@ -161,53 +109,127 @@ def mqtt_link_config(settings: StationSettings) -> LinkConfig:
     )
 
 
-def build_station(settings: StationSettings, reporter=None, source=None, mqtt: bool | None = None) -> Station:
-    """Everything `appliance run` starts, not yet started. `mqtt` defaults to `mqtt.enabled`."""
-    from appliance.camera import open_source
+@dataclass
+class Station:
+    """What `appliance run` starts: the pipeline, its sinks, and the MQTT side (link, heartbeat, commands)."""
 
+    pipeline: Pipeline
+    results: ResultsLog
+    sinks: FanOut  # what the pipeline reports to: results log, MQTT, storage watch
+    storage: StorageWatch
+    failures: FailureLatch  # the reporting side's threads (store writers, MQTT link and monitor)
+    outbox: Outbox | None = None
+    link: MqttLink | None = None
+    heartbeat: HeartbeatMonitor | None = None
+    commands: CommandHandler | None = None
+    presence: Presence | None = None
+    extra_sinks: list[Sink] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Connect (in the background: until then everything waits in the outbox), then start inspecting."""
+        self.start_reporting()
+        self.pipeline.start()
+        self.backend_started()
+
+    def start_reporting(self) -> None:
+        if self.link is not None and self.heartbeat is not None:
+            self.link.start()
+            self.heartbeat.start()
+
+    def backend_started(self) -> None:
+        """The pipeline's backend is up: a birth that went out saying `starting` is sent again naming it."""
+        if self.presence is not None and self.link is not None and self.presence.backend_started():
+            self.link.request_rebirth()
+
+    def failure(self) -> ThreadFailure | None:
+        """The first station thread that died (pipeline stage, MQTT link or monitor, store writer), if any."""
+        return self.pipeline.failure or self.failures.failure
+
+    def stop_reporting(self, drain_timeout_s: float = 10.0) -> bool:
+        """A last heartbeat, the writers' backlogs into the stores, then the outbox to the broker, all within
+        `drain_timeout_s`. True when nothing is left behind."""
+        if self.link is None or self.heartbeat is None:
+            return True
+        deadline = time.monotonic() + drain_timeout_s
+        self.heartbeat.stop()
+        self.storage.flush_writers(drain_timeout_s)  # into the outbox first, then to the broker
+        drained = self.link.stop(max(0.0, deadline - time.monotonic()))
+        return drained and all(w.pending == 0 for w in self.storage.writers if w.store == "outbox")
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Write what the writers still hold (bounded), then close the files. True when nothing was left."""
+        written = self.storage.close(timeout)
+        if self.outbox is not None:
+            self.outbox.close()
+        self.results.close()
+        return written
+
+
+def build_station(settings: StationSettings, source: FrameSource | None = None, mqtt: bool | None = None,
+                  sinks: list[Sink] | None = None, echo: bool = True) -> Station:
+    """Everything `appliance run` starts, not yet started. `mqtt` defaults to `mqtt.enabled`; `sinks` are
+    added to the fan-out after the results log and MQTT (tests, benchmarks, future sinks)."""
     bundle = load_bundle(settings.model.bundle, verify=settings.model.verify_bundle)
     ops = operating_points(settings, bundle)
     link_config = mqtt_link_config(settings) if (settings.mqtt.enabled if mqtt is None else mqtt) else None
     data = settings.storage.data_dir
     pending_max = settings.storage.pending_max
+    triggered = settings.trigger.mode == "triggered"
+    primary = primary_backend(settings.inference.backend)
     # Not open_now: a store that cannot be opened (read-only or full disk) is a storage fault the writers
     # ride out with the parts in memory, not a reason to refuse to start.
     results = ResultsLog(data / "results.sqlite3", open_now=False)
-    mqtt_reporter = outbox = local = None
-    if reporter is None:
-        reporter = local = LogReporter(results, max_pending=pending_max)
-    if link_config is not None and local is not None:
-        m = settings.mqtt
-        outbox = Outbox(data / "outbox.sqlite3", max_messages=m.outbox_max_messages, max_age_s=m.outbox_max_age_s,
-                        open_now=False)
-        reporter = mqtt_reporter = MqttReporter(
-            link_config, outbox, local,
-            config_fingerprint=config_hash(settings.model_dump_json()), configured_backend=settings.inference.backend,
-            triggered=settings.trigger.mode == "triggered", model_id=bundle.model_id, heartbeat_s=m.heartbeat_s,
-            data_dir=data, max_pending=pending_max, max_command_bytes=m.max_command_bytes,
-        )
+    fanout = FanOut()
+    failures = FailureLatch()
+    modes = ModeControl(Mode(settings.decision.mode), fanout.event)
     config = PipelineConfig(
         station_id=settings.station.id, spec=bundle.metadata.preprocess,
-        operating_point=ops["onnxruntime" if settings.inference.backend == "onnxruntime" else "tensorrt"],
-        operating_point_by_backend=ops,
-        mode=Mode(settings.decision.mode), triggered=settings.trigger.mode == "triggered",
+        operating_point=ops[primary.name], operating_point_by_backend=ops,
+        mode=Mode(settings.decision.mode), triggered=triggered,
         defect_index=bundle.metadata.defect_index,
         # At the end of the stream the decide thread waits only briefly: run() gives the writers their time.
         flush_timeout_s=min(2.0, settings.mqtt.drain_timeout_s),
         # Continuous part ids carry this start's number: unique across restarts (README, "Part ids").
         run_id=f"r{results.next_counter('run')}",
     )
-    pipeline = Pipeline(config, source or open_source(settings.camera), supervisor_factory(settings, bundle), reporter)
-    if mqtt_reporter is not None:
-        mqtt_reporter.attach(pipeline)
-    elif local is not None:
-        local.attach(pipeline)
-    return Station(pipeline, results, mqtt_reporter, outbox, local)
+    pipeline = Pipeline(config, source or open_source(settings.camera), supervisor_factory(settings, bundle), fanout,
+                        modes)
+    results_sink = ResultsLogSink(results, echo=echo, max_pending=pending_max, on_storage_event=fanout.event,
+                                  on_failure=failures)
+    fanout.add(results_sink)
+    writers = [results_sink.writer]
+    station = Station(pipeline, results, fanout, StorageWatch(writers, modes), failures)
+    if link_config is not None:
+        m = settings.mqtt
+        outbox = Outbox(data / "outbox.sqlite3", max_messages=m.outbox_max_messages, max_age_s=m.outbox_max_age_s,
+                        open_now=False)
+        presence = Presence(pipeline, link_config.client_id, config_fingerprint=config_hash(settings.model_dump_json()),
+                            model_id=bundle.model_id)
+        link = MqttLink(link_config, outbox, presence.birth, on_failure=failures)
+        mqtt_sink = MqttSink(link, outbox, max_pending=pending_max, on_storage_event=fanout.event, on_failure=failures)
+        fanout.add(mqtt_sink)
+        writers.append(mqtt_sink.writer)
+        commands = CommandHandler(pipeline, triggered=triggered, on_event=fanout.event, rebirth=link.request_rebirth,
+                                  max_command_bytes=m.max_command_bytes)
+        link.handle_commands(commands.on_command)
+        heartbeat = HeartbeatMonitor(pipeline, mqtt_sink, station.storage, on_event=fanout.event, failures=failures,
+                                     sink_errors=fanout.errors, configured_backend=settings.inference.backend,
+                                     heartbeat_s=m.heartbeat_s, data_dir=data)
+        station.outbox, station.link, station.heartbeat = outbox, link, heartbeat
+        station.commands, station.presence = commands, presence
+    station.storage.writers = writers
+    for sink in sinks or []:
+        fanout.add(sink)
+        station.extra_sinks.append(sink)
+    # Last: it looks at every writer after each part and event has been handed to them.
+    fanout.add(station.storage)
+    return station
 
 
-def build_pipeline(settings: StationSettings, reporter=None, source=None) -> tuple[Pipeline, ResultsLog]:
+def build_pipeline(settings: StationSettings, source: FrameSource | None = None,
+                   sinks: list[Sink] | None = None, echo: bool = True) -> tuple[Pipeline, ResultsLog]:
     """The pipeline and its results log alone (no MQTT): for tests and benchmarks."""
-    station = build_station(settings, reporter=reporter, source=source, mqtt=False)
+    station = build_station(settings, source=source, mqtt=False, sinks=sinks, echo=echo)
     return station.pipeline, station.results
 
 
@@ -223,11 +245,7 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if station.mqtt is not None:
-        station.mqtt.start()  # connects in the background; until then everything waits in the outbox
-    pipeline.start()
-    if station.mqtt is not None:
-        station.mqtt.pipeline_started()
+    station.start()  # MQTT connects in the background; until then everything waits in the outbox
     if trigger_stdin:
         threading.Thread(target=_stdin_triggers, args=(pipeline,), daemon=True, name="stdin-trigger").start()
     notify("READY=1")
@@ -251,8 +269,8 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
             pipeline.stop()
         if now - last_status >= 10.0:
             last_status = now
-            snap = pipeline.stats.snapshot()
-            notify(f"STATUS={snap['inspections']} inspected, {pipeline.mode.value}, backend {pipeline.backend_name}")
+            status = pipeline.status()
+            notify(f"STATUS={status.inspections} inspected, {status.mode}, backend {status.backend}")
         time.sleep(0.1)
     # After a thread died the stages behind it may wait forever for it: do not wait long for them.
     join_s = 60.0 if failure is None else 10.0
@@ -263,16 +281,16 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
     failure = failure or station.failure()
     if failure is not None and failure is not reported:  # a stage that died ended the loop by itself
         _report_failure(station, failure)
-    snap = pipeline.stats.snapshot()
+    status = pipeline.status()
     log.info("stopped: %d inspections %s, %d live frames dropped, %.1f parts/s, end-to-end p50 %.1f ms p99 %.1f ms",
-             snap["inspections"], snap["verdicts"], pipeline.dropped, snap["throughput_per_s"],
-             snap["end_to_end_ms_p50"], snap["end_to_end_ms_p99"])
+             status.inspections, status.verdicts, status.dropped, status.throughput_per_s, status.latency_p50_ms,
+             status.latency_p99_ms)
     # One budget for what is left (the writers' backlogs, then the broker): mqtt.drain_timeout_s, so that the
     # whole stop stays inside systemd's TimeoutStopSec (drain + 30 s, provisioning/) even during a storage fault.
-    if station.mqtt is not None and not station.mqtt.stop(settings.mqtt.drain_timeout_s):
+    if station.outbox is not None and not station.stop_reporting(settings.mqtt.drain_timeout_s):
         log.warning("%d message(s) stay in the outbox %s for the next start", station.outbox.depth(),
                     station.outbox.path)
-    if not station.close(1.0 if station.mqtt is not None else settings.mqtt.drain_timeout_s):
+    if not station.close(1.0 if station.link is not None else settings.mqtt.drain_timeout_s):
         log.error("some records could not be written before the stop (storage fault): see the UNRECORDED lines")
     if failure is not None:
         log.critical("exiting with %d so systemd restarts the station: %s", EXIT_THREAD_FAILED, failure.describe())
@@ -287,9 +305,7 @@ def _report_failure(station: Station, failure: ThreadFailure) -> None:
     """Log and report a dead thread once: an event (results log, outbox, and straight to the broker)."""
     log.critical("%s; stopping the station", failure.describe())
     detail = {"thread": failure.thread, "error": failure.error, "exit_code": EXIT_THREAD_FAILED}
-    reporter = station.mqtt or station.local
-    if reporter is not None:
-        reporter.event("thread_failed", detail)  # also straight to the broker: see reporting._URGENT_EVENTS
+    station.sinks.event("thread_failed", detail)  # also straight to the broker: see mqtt_sink.URGENT_EVENTS
 
 
 def _stdin_triggers(pipeline: Pipeline) -> None:

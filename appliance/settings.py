@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from appliance.inference.registry import CHOICES
 from bundle.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -95,7 +96,8 @@ class CameraSection(_Section):
 
 
 class InferenceSection(_Section):
-    backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
+    # One of registry.CHOICES: "auto" (TensorRT, falling back as configured) or a registered backend's name.
+    backend: Literal[CHOICES] = "auto"  # type: ignore[valid-type]
     # With backend auto or tensorrt: run the bundle's FP32 ONNX on the CPU while the GPU is unusable,
     # instead of sending every part to manual inspection.
     cpu_fallback: bool = False

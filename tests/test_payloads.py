@@ -35,7 +35,7 @@ from appliance.reporting.payloads import (
     topic,
     write_json_schemas,
 )
-from appliance.reporting.results_log import InspectionRecord
+from appliance.station.inspection import InspectionRecord
 
 RECORD = InspectionRecord(
     inspection_id="insp-0001", part_id="P-42", station_id="station-01", source_name="synthetic", frame_index=7,

@@ -23,7 +23,8 @@ from mqtt_helpers import Subscriber, start_station, station_settings, stop_stati
 
 from appliance.reporting.outbox import NewMessage, Outbox
 from appliance.reporting.recorder import StoreWriter
-from appliance.reporting.results_log import InspectionRecord, LoggedEvent, ResultsLog
+from appliance.reporting.results_log import LoggedEvent, ResultsLog
+from appliance.station.inspection import InspectionRecord
 from bundle.decision import Mode
 from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto
 

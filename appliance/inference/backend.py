@@ -1,4 +1,4 @@
-"""The one small interface every inference backend implements, and the factory that picks one.
+"""The one small interface every inference backend implements, and what opening one takes.
 
 A backend owns `slots` input buffers (host memory; pinned for TensorRT). The preprocess stage writes a
 frame into a free slot's buffer in place, the inference stage runs that slot: with two slots, frame N+1
@@ -11,9 +11,13 @@ owns any CUDA context. `input_buffer(slot)` arrays may be *written* from another
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from bundle.format import Bundle
 
 
 @runtime_checkable
@@ -33,3 +37,15 @@ class InferenceBackend(Protocol):
     def close(self) -> None:
         """Free every buffer, stream and context now (not at garbage collection)."""
         ...
+
+
+@dataclass(frozen=True)
+class BackendRequest:
+    """What any backend needs to open (from `[model]` and `[inference]`); see registry.py for who opens it."""
+
+    bundle: Bundle
+    engine_dir: Path  # model.engine_dir: where `make engine` installs engines
+    precision: str  # inference.precision: the engine's ("fp16", "int8", "fp32")
+    threads: int = 2  # inference.threads: CPU threads of a CPU backend
+    slots: int = 3  # input slots: two for double buffering, one spare for the inference thread
+    allow_other_gpu_model: bool = False  # inference.allow_other_gpu_model

@@ -268,6 +268,12 @@ class MqttLink:
         self._sub_mid: int | None = None
 
     # --- used by other threads -----------------------------------------------------------------------------
+    def handle_commands(self, on_command: CommandSink) -> None:
+        """Where commands go (the command handler, made after the pipeline it drives); before `start()`."""
+        if self._thread is not None:
+            raise RuntimeError("handle_commands() after start(): commands may already have been dropped")
+        self._on_command = on_command
+
     def start(self) -> None:
         self._thread = start_guarded("mqtt-link", self._run, self._thread_failed)
 

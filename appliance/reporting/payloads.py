@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from appliance.reporting.results_log import InspectionRecord
+from appliance.station.inspection import InspectionRecord
 
 SCHEMA_VERSION = 2  # 2: health.storage
 
@@ -117,9 +117,13 @@ class HealthPayload(_Published):
     disk_free_mb: float | None = None
     # The broker link as the station saw it when the heartbeat was made (a replayed heartbeat shows the outage).
     mqtt: dict[str, Any] = Field(default_factory=dict)
-    # The station's stores as the writers see them (reporting.LogReporter.storage_status): `ok`, `pending` per
-    # store, `faults` (store, path, error, since_ms, pending), `failsafe`, `unrecorded`, `dead_letters`.
+    # The station's stores as the writers see them (reporting.storage_watch.StorageWatch.status): `ok`, `pending`
+    # per store, `faults` (store, path, error, since_ms, pending), `failsafe`, `unrecorded`, `dead_letters`.
     storage: dict[str, Any] = Field(default_factory=dict)
+    # Parts waiting before each pipeline stage ("preprocess", "infer", "decide").
+    queues: dict[str, int] = Field(default_factory=dict)
+    # Calls that raised, by sink name, since start (reporting.fanout): 0 for a healthy sink.
+    sinks: dict[str, int] = Field(default_factory=dict)
     last_error: str | None = None
 
     @field_validator("latency_p50_ms", "latency_p99_ms", "spool_oldest_age_s", "disk_free_mb", mode="before")

@@ -12,7 +12,7 @@ backlog depth) for heartbeats, and says so once through `on_event`: `storage_fau
 `storage_recovered` when a write succeeds again, `storage_repaired` for a file the store rebuilt or moved
 aside. The backlog is bounded (`storage.pending_max`): when it is full the writer is `saturated` (the
 station turns fail-safe: manual_fallback) and an item it cannot take is refused, counted in `refused`,
-and logged in full by the caller, the last record left. Saturation ends when the store accepts writes.
+and logged in full (an `UNRECORDED` line), the last record left. Saturation ends when the store accepts writes.
 """
 
 from __future__ import annotations
@@ -103,19 +103,23 @@ class StoreWriter(Generic[T]):
 
     # --- any thread ---------------------------------------------------------------------------------------------
     def submit(self, item: T) -> bool:
-        """Queue `item` behind everything before it; False (and counted) when the backlog is full."""
+        """Queue `item` behind everything before it; False when the backlog is full: then the item is counted
+        in `refused` and written in full to the process log (journald), its last record."""
         with self._cond:
-            if len(self._items) >= self.max_pending:
+            accepted = len(self._items) < self.max_pending
+            if not accepted:
                 self._saturated = True
                 self.refused += 1
-                return False
-            self._items.append(item)
-            if len(self._items) >= self.max_pending:
-                self._saturated = True
-            if self._thread is None and not self._stopping:
-                self._thread = start_guarded(f"writer-{self.store}", self._run, self._failed_thread)
-            self._cond.notify_all()
-        return True
+            else:
+                self._items.append(item)
+                if len(self._items) >= self.max_pending:
+                    self._saturated = True
+                if self._thread is None and not self._stopping:
+                    self._thread = start_guarded(f"writer-{self.store}", self._run, self._failed_thread)
+                self._cond.notify_all()
+        if not accepted:  # outside the lock: the dump may be long
+            log.error("UNRECORDED (the %s backlog is full, storage.pending_max): %s", self.store, self._dump(item))
+        return accepted
 
     def fault(self) -> StoreFault | None:
         with self._cond:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.reporting.sqlite_store import SqliteStore
+from appliance.station.inspection import InspectionRecord
 
 SCHEMA_VERSION = 1
 
@@ -46,30 +47,6 @@ CREATE TABLE IF NOT EXISTS events (
     detail     TEXT NOT NULL
 );
 """
-
-
-@dataclass(frozen=True)
-class InspectionRecord:
-    """One finished inspection, as logged and reported."""
-
-    inspection_id: str
-    part_id: str
-    station_id: str
-    source_name: str
-    frame_index: int
-    captured_at: float
-    decided_at: float
-    verdict: str
-    ai_verdict: str | None
-    score: float | None
-    mode: str
-    backend: str
-    model_id: str
-    reason: str
-    latency_ms: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

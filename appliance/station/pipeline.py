@@ -1,4 +1,4 @@
-"""The inspection pipeline: capture -> preprocess -> infer -> decide -> report, one thread per stage.
+"""The inspection pipeline: capture -> preprocess -> infer -> decide -> sinks, one thread per stage.
 
 Stages are joined by bounded queues, so a slow stage pushes back instead of piling frames up in memory.
 Back-pressure is explicit:
@@ -26,11 +26,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from appliance.camera import Frame
+from appliance.camera import CameraState, Frame
 from appliance.inference.backend import InferenceBackend
 from appliance.inference.supervisor import BackendSupervisor
-from appliance.reporting.results_log import InspectionRecord
+from appliance.station.inspection import InspectionRecord
+from appliance.station.modes import ModeControl
+from appliance.station.sink import Sink
 from appliance.station.stats import RollingStats
+from appliance.station.status import StationStatus
 from appliance.threads import ThreadFailure
 from bundle.decision import Mode, OperatingPoint, decide_part, defect_score
 from bundle.errors import ApplianceError, FrameError
@@ -42,23 +45,17 @@ _STOP = object()  # end-of-stream marker passed down the stages
 
 
 class FrameReader(Protocol):
-    live: bool
+    """What the pipeline needs of a frame source (appliance.camera.FrameSource implements it)."""
+
+    @property
+    def live(self) -> bool: ...
 
     @property
     def exhausted(self) -> bool: ...
 
     def read(self, timeout: float | None = None) -> Frame | None: ...
 
-
-class Reporter(Protocol):
-    """Where finished inspections and events go (results log, MQTT, console). Neither call may block on
-    storage or network: they queue (see recorder.py). `flush` waits until what was handed over is written."""
-
-    def inspection(self, record: InspectionRecord) -> None: ...
-
-    def event(self, kind: str, detail: dict[str, Any]) -> None: ...
-
-    def flush(self, timeout: float) -> bool: ...
+    def state(self) -> CameraState: ...
 
 
 class _HeldEvents:
@@ -155,7 +152,7 @@ class PipelineConfig:
     # Names this start of the station in continuous part ids (`<station>-<run_id>-<seq>`), so part ids stay
     # unique across restarts; the runtime sets it from a counter persisted in the results log.
     run_id: str = ""
-    # At the end of the stream the decide thread waits this long for the reporter to write what it holds.
+    # At the end of the stream the decide thread waits this long for the sinks to write what they hold.
     flush_timeout_s: float = 10.0
 
 
@@ -165,15 +162,16 @@ class Pipeline:
         config: PipelineConfig,
         source: FrameReader,
         supervisor_factory: Callable[[Callable[[str, dict[str, Any]], None]], BackendSupervisor],
-        reporter: Reporter,
+        sink: Sink,
+        modes: ModeControl | None = None,
     ) -> None:
+        """`sink` gets every finished inspection and event (the runtime's fan-out); `modes` is shared with
+        whoever else may change the mode or hold a fallback (commands, storage watch), else made here."""
         self.config = config
         self.source = source
-        self.reporter = reporter
+        self.sink = sink
         self._supervisor_factory = supervisor_factory
-        self._mode = config.mode  # the configured mode: what the station returns to after a fallback
-        # Why the station is in manual_fallback by itself, by cause ("backend", "storage"); empty: it is not.
-        self._fallbacks: dict[str, str] = {}
+        self.modes = modes if modes is not None else ModeControl(config.mode, self._event)
         self._q_pre: queue.Queue[Any] = queue.Queue(config.queue_size)
         self._q_infer: queue.Queue[Any] = queue.Queue(config.queue_size)
         self._q_decide: queue.Queue[Any] = queue.Queue(config.queue_size)
@@ -227,46 +225,25 @@ class Pipeline:
     @property
     def mode(self) -> Mode:
         """The mode parts are decided in now: manual_fallback while any fallback cause holds, else the configured."""
-        return self._mode_and_reason()[0]
+        return self.modes.current()[0]
 
-    def set_mode(self, mode: Mode) -> None:
-        """Switch the configured mode (a command from the control room). During a manual fallback the new
-        mode is the one the station returns to once every cause is gone, not an override of the fallback."""
-        with self._lock:
-            old, self._mode = self._mode, mode
-        if old is not mode:
-            self._event("mode_changed", {"from": old.value, "to": mode.value})
-
-    def set_fallback(self, cause: str, reason: str | None) -> None:
-        """Hold manual_fallback for `cause` with `reason` (shown on every part), or release it (None).
-
-        The station returns to its configured mode when no cause is left. Entering and leaving for a cause
-        other than "backend" (whose supervisor reports itself) are events.
-        """
-        with self._lock:
-            had = cause in self._fallbacks
-            if reason is None:
-                self._fallbacks.pop(cause, None)
-            else:
-                self._fallbacks[cause] = reason
-            mode = Mode.MANUAL_FALLBACK if self._fallbacks else self._mode
-        if cause == "backend" or had == (reason is not None):
-            return
-        if reason is not None:
-            self._event("manual_fallback", {"cause": cause, "reason": reason})
-        else:
-            self._event("fallback_ended", {"cause": cause, "mode": mode.value})
-
-    def fallback_reason(self) -> str:
-        """Why the station is in manual_fallback by itself ("" when it is not)."""
-        return self._mode_and_reason()[1]
-
-    def _mode_and_reason(self) -> tuple[Mode, str]:
-        """The mode a part is decided in now and, in a fallback, why: one look under the lock per part."""
-        with self._lock:
-            if self._fallbacks:
-                return Mode.MANUAL_FALLBACK, "; ".join(self._fallbacks.values())
-            return self._mode, ""
+    def status(self) -> StationStatus:
+        """The station's state now (see station/status.py): for heartbeats, the birth, doctor, systemd."""
+        mode, reason = self.modes.current()
+        snap = self.stats.snapshot()
+        failure = self.failure
+        return StationStatus(
+            station_id=self.config.station_id, mode=mode.value, configured_mode=self.modes.configured.value,
+            fallback_reason=reason, backend=self.backend_name, model_id=self.model_id,
+            backend_ready=self._backend_ready.is_set(), inspections=snap["inspections"], verdicts=snap["verdicts"],
+            throughput_per_s=snap["throughput_per_s"], latency_p50_ms=snap["end_to_end_ms_p50"],
+            latency_p99_ms=snap["end_to_end_ms_p99"], dropped=self.dropped, camera=self.source.state(),
+            camera_live=self.source.live,
+            queues={"preprocess": self._q_pre.qsize(), "infer": self._q_infer.qsize(),
+                    "decide": self._q_decide.qsize()},
+            last_error=self.last_error or None, failure=failure.describe() if failure else None, fatal=self.fatal,
+            started_at=self.started_at, stats=snap,
+        )
 
     @property
     def crashed(self) -> bool:
@@ -281,7 +258,7 @@ class Pipeline:
         now = time.monotonic()
         if busy is not None and now - busy > stall_s:
             return f"inference has been running for {now - busy:.0f} s ({self.backend_name})"
-        if self.source.live and not self.config.triggered and hasattr(self.source, "state"):
+        if self.source.live and not self.config.triggered:
             state = self.source.state()
             age = state.last_frame_age_s
             if state.connected and age is not None and age > stall_s:
@@ -440,7 +417,7 @@ class Pipeline:
             # The last slot stays with the inference thread (re-preprocessing after a backend change).
             self._slots.reset(sup.generation, [backend.input_buffer(i) for i in range(backend.slots - 1)])
             self.backend_name, self.model_id = backend.name, backend.model_id
-        self.set_fallback("backend", (sup.why_no_model or "no model can run") if backend is None else None)
+        self.modes.set_fallback("backend", (sup.why_no_model or "no model can run") if backend is None else None)
         # Only now that backend_name says what runs: a birth requested by these events must name it.
         self._backend_events.flush(self._event)
 
@@ -448,13 +425,13 @@ class Pipeline:
         while (insp := self._q_decide.get()) is not _STOP:
             self._decide_one(insp)
         # Everything decided is handed over; wait (bounded) until it is written, so join() means recorded.
-        if not self.reporter.flush(self.config.flush_timeout_s):
+        if not self.sink.flush(self.config.flush_timeout_s):
             log.error("not every decided part could be written within %.0f s (storage fault); see the log",
                       self.config.flush_timeout_s)
 
     def _decide_one(self, insp: Inspection) -> None:
         now = time.monotonic()
-        mode, fallback_reason = self._mode_and_reason()
+        mode, fallback_reason = self.modes.current()
         if insp.error is not None:
             verdict, ai_verdict, reason = "error", None, f"frame error: {insp.error}"
         else:
@@ -481,17 +458,17 @@ class Pipeline:
         )
         self.stats.add(record)
         try:
-            self.reporter.inspection(record)
-        except Exception:  # the reporter must never stop inspection; it logs its own failures
-            log.exception("reporter failed for part %s", insp.part_id)
+            self.sink.inspection(record)
+        except Exception:  # a sink must never stop inspection (the fan-out isolates each; this is the last guard)
+            log.exception("sink failed for part %s", insp.part_id)
 
     # --- helpers ---------------------------------------------------------------------------------------
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
         log.warning("event %s: %s", kind, detail)
         try:
-            self.reporter.event(kind, detail)
+            self.sink.event(kind, detail)
         except Exception:
-            log.exception("reporter failed for event %s", kind)
+            log.exception("sink failed for event %s", kind)
 
     def _guard(self, name: str, target: Callable[[], None], downstream: queue.Queue[Any] | None) -> Callable[[], None]:
         def run() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.reporting.results_log import InspectionRecord
+from appliance.station.inspection import InspectionRecord
 
 
 def percentile(values: list[float] | np.ndarray, q: float) -> float:

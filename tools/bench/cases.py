@@ -215,7 +215,7 @@ def bare_backend(bundle_dir: Path, frames: Path, threads: int, warmup: int) -> d
 
 def appliance_pipeline(bundle_dir: Path, frames: Path, threads: int, scratch: Path | None) -> dict[str, Any]:
     """The station runtime over the folder, as `appliance run` builds it, minus MQTT and console lines."""
-    from appliance.runtime import LogReporter, build_pipeline
+    from appliance.runtime import build_pipeline
     from appliance.settings import StationSettings
 
     n = len(_frame_files(frames))
@@ -225,10 +225,9 @@ def appliance_pipeline(bundle_dir: Path, frames: Path, threads: int, scratch: Pa
             inference={"backend": "onnxruntime", "threads": threads}, mqtt={"enabled": False},
             storage={"data_dir": var},
         )
-        pipeline, results = build_pipeline(settings)
         # Every result goes to the SQLite log as at a station; the per-part console line is left out, its
         # cost depends on where stderr goes, not on the appliance.
-        pipeline.reporter = LogReporter(results, echo=False)
+        pipeline, results = build_pipeline(settings, echo=False)
         sampler = ThreadCpuSampler()
         sampler.start()
         t0 = time.perf_counter()

@@ -4,7 +4,7 @@ Two measurements, both with QoS 1, the outbox and the results log exactly as the
 (SQLite WAL, synchronous=FULL: a committed row survives a power cut), and a control-room subscriber at
 QoS 1 counting what arrives:
 
-- sustained: the decide thread's reporter call (`MqttReporter.inspection`: hand the record to the results
+- sustained: the decide thread's reporter call (the fan-out's `inspection`: hand the record to the results
   log's writer and the result message to the outbox's writer; each writer thread commits in batches and
   the link publishes) for N results as fast as it goes; results per second from the first call until the
   subscriber holds all N and the outbox is empty; and the time one call takes (what inspection waits).
@@ -29,11 +29,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from appliance.reporting.fanout import FanOut
 from appliance.reporting.mqtt_link import LinkConfig, MqttLink
-from appliance.reporting.mqtt_reporter import LogReporter, MqttReporter
+from appliance.reporting.mqtt_sink import MqttSink
 from appliance.reporting.outbox import Outbox
 from appliance.reporting.payloads import BirthPayload, ResultPayload, Topics
-from appliance.reporting.results_log import InspectionRecord, ResultsLog
+from appliance.reporting.results_log import ResultsLog
+from appliance.reporting.results_sink import ResultsLogSink
+from appliance.station.inspection import InspectionRecord
 from tools.bench.report import machine_info
 from tools.broker import MosquittoBroker, find_mosquitto
 
@@ -100,12 +103,15 @@ def sustained(folder: Path, port: int, n: int) -> dict[str, Any]:
     results = ResultsLog(folder / "results.sqlite3")
     outbox = Outbox(folder / "outbox.sqlite3")
     config = LinkConfig("127.0.0.1", port, STATION, TOPICS)
-    reporter = MqttReporter(config, outbox, LogReporter(results, echo=False), config_fingerprint="bench",
-                            configured_backend="onnxruntime", triggered=False, heartbeat_s=10.0, data_dir=folder)
+    birth = lambda bd: BirthPayload(station=STATION, software_version="bench", model_id="bench@0000",  # noqa: E731
+                                    backend="onnxruntime", config_hash="bench", cameras=[], boot_id="bench", bd_seq=bd)
+    link = MqttLink(config, outbox, birth)
+    # The station's two sinks of a result, as the runtime wires them (results log, then MQTT).
+    reporter = FanOut([ResultsLogSink(results, echo=False), MqttSink(link, outbox)])
     sub = Counter(port)
-    reporter.start()
-    if not reporter.link.wait_connected(10):
-        raise RuntimeError(f"station link did not connect: {reporter.link.state()}")
+    link.start()
+    if not link.wait_connected(10):
+        raise RuntimeError(f"station link did not connect: {link.state()}")
     call_ms: list[float] = []
     t0 = time.perf_counter()
     for i in range(n):
@@ -115,7 +121,8 @@ def sustained(folder: Path, port: int, n: int) -> dict[str, Any]:
     produced = time.perf_counter() - t0
     delivered = _wait(lambda: sub.count() >= n and outbox.depth() <= 1, 120)  # <= 1: a heartbeat may be in flight
     elapsed = time.perf_counter() - t0
-    reporter.stop(5)
+    reporter.flush(5)
+    link.stop(5)
     sub.close()
     results.close()
     outbox.close()

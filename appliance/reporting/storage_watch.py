@@ -1,0 +1,90 @@
+"""The station's storage watch: every store writer's health in one place, and the fail-safe rule.
+
+While any writer's backlog is full (`storage.pending_max`) the station holds manual_fallback with cause
+`storage` (parts go to a person rather than pass unrecorded) and releases it once the store takes writes
+again. It is a sink so that it looks after every part and event (the moment a backlog can have filled or
+drained); in the common case (nothing full, nothing held) that look costs a few attribute reads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from appliance.reporting.recorder import StoreWriter
+from appliance.station.inspection import InspectionRecord
+from appliance.station.modes import ModeControl
+
+
+class StorageWatch:
+    """Sink `storage_watch`: holds the `storage` fallback in `modes` while a writer's backlog is full."""
+
+    name = "storage_watch"
+
+    def __init__(self, writers: Sequence[StoreWriter[Any]], modes: ModeControl) -> None:
+        self.writers = list(writers)
+        self._modes = modes
+        self._lock = threading.Lock()
+        self._held = False  # whether this watch holds the station in manual_fallback
+
+    # --- the Sink interface: each call is a moment to look -------------------------------------------------------
+    def inspection(self, record: InspectionRecord) -> None:
+        self.update()
+
+    def event(self, kind: str, detail: dict[str, Any]) -> None:
+        self.update()
+
+    def flush(self, timeout: float) -> bool:
+        return True  # holds nothing itself
+
+    # --- health ----------------------------------------------------------------------------------------------------
+    @property
+    def unrecorded(self) -> int:
+        """Records a full backlog refused: written to the process log only (UNRECORDED lines)."""
+        return sum(w.refused for w in self.writers)
+
+    def status(self) -> dict[str, Any]:
+        """For heartbeats: `ok`, backlog per store, the faults (store, path, error, since_ms, pending),
+        `failsafe` (a backlog full: manual_fallback), `unrecorded` (taken by no store: process log only)."""
+        faults = [f.as_dict() for w in self.writers if (f := w.fault()) is not None]
+        return {"ok": not faults, "pending": {w.store: w.pending for w in self.writers}, "faults": faults,
+                "failsafe": any(w.saturated for w in self.writers), "unrecorded": self.unrecorded}
+
+    def error(self) -> str | None:
+        """The first storage fault in words, for `last_error`."""
+        for w in self.writers:
+            f = w.fault()
+            if f is not None:
+                return f"{f.store} {f.path} cannot be written: {f.error} ({f.pending} waiting in memory)"
+        return None
+
+    def flush_writers(self, timeout: float) -> bool:
+        """Wait until every writer wrote what it holds (True) or `timeout` s passed (False)."""
+        return _within(timeout, [w.flush for w in self.writers])
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Flush (bounded) and stop the writers; True when nothing was left unwritten."""
+        return _within(timeout, [w.close for w in self.writers])
+
+    def update(self) -> None:
+        """Hold or release the storage fallback as the writers' backlogs fill and drain."""
+        full = next((w for w in self.writers if w.saturated), None)
+        with self._lock:
+            if full is None and not self._held:
+                return
+            reason = None
+            if full is not None:
+                fault = full.fault()
+                reason = (f"storage: {full.store} {full.path} cannot be written"
+                          f"{f' ({fault.error})' if fault else ''} and {full.max_pending} records wait in memory, "
+                          "the limit (storage.pending_max)")
+            self._held = full is not None
+        # Outside the lock: entering the fallback is an event, and reporting it comes back here.
+        self._modes.set_fallback("storage", reason)
+
+
+def _within(timeout: float, calls: list[Any]) -> bool:
+    deadline = time.monotonic() + timeout
+    return all([call(max(0.0, deadline - time.monotonic())) for call in calls])

@@ -26,7 +26,7 @@ def _logits(run: Path, split: str, flip: str | None, size: int | None = None) ->
     import torch
 
     from training.model import build_model
-    from training.trainer import TrainConfig, _device, load_checkpoint, load_samples, predict_logits, split_samples
+    from training.trainer import TrainConfig, load_checkpoint, load_samples, predict_logits, split_samples, torch_device
 
     final = load_checkpoint(run / "final.pt")
     cfg = TrainConfig.model_validate(dict(final["config"], out_dir=str(run), device="auto", data_dir=None))
@@ -39,7 +39,7 @@ def _logits(run: Path, split: str, flip: str | None, size: int | None = None) ->
         spec = spec.model_copy(update={"input_height": size, "input_width": size, "interpolation": "linear"})
     model = build_model(cfg.backbone, spec.channels, cfg.input_size, pretrained=False, dropout=cfg.dropout)
     model.load_state_dict(final["model_state"])
-    device = _device(cfg)
+    device = torch_device(cfg)
     model.to(device).eval()
     samples = split_samples(cfg, load_samples(cfg))[split]
     if flip:

@@ -171,7 +171,8 @@ class PartsDataset(Dataset):
         return x, torch.tensor([1.0 - p, p], dtype=torch.float32)
 
 
-def _device(cfg: TrainConfig) -> torch.device:
+def torch_device(cfg: TrainConfig) -> torch.device:
+    """The device `cfg.device` asks for: CUDA when asked for, or with "auto" when one is available; else the CPU."""
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -313,7 +314,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     np.random.seed(cfg.seed)
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg)
+    device = torch_device(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     spec = cfg.preprocess_spec()
@@ -444,7 +445,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, default_data: bool
     spec = cfg.preprocess_spec()
     model = build_model(cfg.backbone, spec.channels, cfg.input_size, pretrained=False, dropout=cfg.dropout)
     model.load_state_dict(final["model_state"])
-    device = _device(cfg)
+    device = torch_device(cfg)
     model.to(device)
     samples = load_samples(cfg)
     state = {"epoch": final["training"]["epochs_run"], "best_epoch": final["training"]["best_epoch"],

@@ -1,7 +1,7 @@
 """The `appliance` command: the station's one entry point (subcommands grow with the product).
 
 Exit codes: 0 ok, 1 unexpected failure, 2 configuration error, 3 dataset/image error, 4 model bundle
-error, 5 checkpoint error; see appliance/errors.py.
+error, 5 checkpoint error; see bundle/errors.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Assemble a model bundle from a training run directory (see appliance/bundle.py for the layout).
+"""Assemble a model bundle from a training run directory (see bundle/format.py for the layout).
 
 The bundle is built in a temporary sibling directory and renamed into place at the end, so a failed
 or interrupted export never leaves a half-written bundle where stations would pick it up.

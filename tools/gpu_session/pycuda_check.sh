@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # pycuda on a lent NVIDIA GPU machine: build it from the carried sdist against that machine's CUDA, then run
-# the gpu-marked tests of appliance/cuda_memory.py (pinned and device buffers, streams, context ownership, a
+# the gpu-marked tests of engines/cuda_memory.py (pinned and device buffers, streams, context ownership, a
 # kernel between the copies). No TensorRT there, so tests/test_trt_backend.py does not run here.
 #
 # Prepared here:  .carry/pycuda-2026.1.tar.gz   the pycuda sdist (no pycuda wheels exist: it is always built)
@@ -118,7 +118,7 @@ PY
 if [ -n "${SKIP_TESTS:-}" ]; then
   say "SKIP_TESTS set: build only"; exit 0
 fi
-say "gpu-marked tests of appliance/cuda_memory.py"
+say "gpu-marked tests of engines/cuda_memory.py"
 $PY -m pytest -q -m gpu tests/test_cuda_memory.py -rs -p no:cacheprovider
 status=$?
 say "done in $(( $(date +%s) - start )) s, pytest exit $status"

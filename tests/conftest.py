@@ -1,14 +1,22 @@
-"""Shared fixtures: a tiny synthetic dataset, one tiny training run and its exported bundle.
+"""Shared fixtures: a tiny synthetic dataset, one tiny training run and its exported bundle; a broker of a test's
+own, its control room, a port that refuses connections; TensorRT where there is one.
 
 The training run and the bundle are session-scoped: the real train -> export path runs once (a few
-seconds at 64x64 pixels) and every test that needs a real model reads from it.
+seconds at 64x64 pixels) and every test that needs a real model reads from it. Helpers that are not fixtures
+(settings, frames, the MQTT subscriber, wait_until) are in tests/support/.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.support.mqtt import Subscriber
+    from tools.broker import MosquittoBroker
 
 TINY_INPUT = 64
 
@@ -61,3 +69,33 @@ def trt():
     if not ok:
         pytest.skip(f"needs pycuda and an NVIDIA GPU: run on a Jetson or a GPU machine ({reason})")
     return tensorrt
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A Mosquitto of this test's own on a free loopback port, stopped afterwards; a skip where none is installed."""
+    from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip(f"mosquitto not installed: {MOSQUITTO_HINT}")
+    with MosquittoBroker(tmp_path / "broker") as started:
+        yield started
+
+
+@pytest.fixture
+def control_room(broker: MosquittoBroker) -> Iterator[Subscriber]:
+    """A subscriber to `inspection/#` on the test's broker: what a control room sees."""
+    from tests.support.mqtt import Subscriber
+
+    sub = Subscriber(broker.port)
+    yield sub
+    sub.close()
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port where every connection is refused for the whole test (held bound, so nothing can take it)."""
+    from tests.support.mqtt import refused_port as held
+
+    with held() as port:
+        yield port

@@ -16,6 +16,7 @@ from typing import Any
 import cv2
 import pytest
 
+from tests.support.mqtt import needs_mosquitto
 from tools.bench.__main__ import main
 from tools.bench.report import check_targets, median_run
 
@@ -147,11 +148,8 @@ def test_bundle_without_its_training_run_is_refused(tmp_path: Path, capsys: pyte
     assert "--bundle and --run go together" in capsys.readouterr().err
 
 
+@needs_mosquitto
 def test_mqtt_bench_delivers_every_result_and_reports_both_measurements(tmp_path: Path):
-    from tools.broker import find_mosquitto
-
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto not installed: apt-get install mosquitto (make test does it as root)")
     out = tmp_path / "mqtt.json"
     proc = subprocess.run([sys.executable, "-m", "tools.bench.mqtt", "--results", "40", "--drain", "120",
                            "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)

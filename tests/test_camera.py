@@ -8,6 +8,7 @@ as scripted before the camera comes back.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -20,14 +21,9 @@ import numpy as np
 import pytest
 from test_images_bit_depth import claiming_png
 
-from appliance.camera.sources import (
-    CameraState,
-    Frame,
-    FrameSource,
-    gstreamer_available,
-    mask_credentials,
-    open_source,
-)
+from appliance.camera import CameraState, Frame, FrameSource, open_source
+from appliance.camera.base import mask_credentials
+from appliance.camera.live import gstreamer_available
 from appliance.settings import CameraSection
 from bundle.errors import CameraError
 
@@ -237,7 +233,7 @@ def test_a_16_bit_container_is_16_bit_data_under_auto_and_the_likely_depth_is_lo
     for i in range(3):
         write_mono12(tmp_path / f"{i}.png", 4095)
 
-    with caplog.at_level(logging.WARNING, logger="appliance.camera.sources"), \
+    with caplog.at_level(logging.WARNING, logger="appliance.camera.base"), \
             open_source(CameraSection(source=str(tmp_path))) as source:
         frames = read_all(source)
 
@@ -475,6 +471,85 @@ def test_credentials_are_masked(text: str, masked: str) -> None:
     assert mask_credentials(text) == masked
 
 
+# --- which source a text names: the order of resolve.RESOLVERS -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cam ! appsink", "shift[1]", "what?"])
+def test_an_existing_folder_wins_over_pipeline_and_glob_rules(tmp_path: Path, name: str) -> None:
+    folder = tmp_path / name
+    folder.mkdir()
+    write_image(folder / "part.png", 80)
+
+    with open_source(CameraSection(source=str(folder))) as source:
+        frames = read_all(source)
+        assert source.state().kind == "images"
+    assert [f.source_name for f in frames] == ["part.png"]
+
+
+def test_an_existing_image_file_named_like_a_glob_is_that_one_image(tmp_path: Path) -> None:
+    image = write_image(tmp_path / "part[1].png", 80)
+    write_image(tmp_path / "part1.png", 20)  # what the name would match as a glob
+
+    with open_source(CameraSection(source=str(image))) as source:
+        assert source.state().kind == "images"
+        assert [(f.source_name, int(f.image.mean())) for f in read_all(source)] == [("part[1].png", 80)]
+
+
+@pytest.mark.parametrize("stray", ["file", "folder"])
+def test_a_path_named_0_in_the_working_directory_does_not_beat_device_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stray: str
+) -> None:
+    clip = write_clip(tmp_path, 10)
+    monkeypatch.chdir(tmp_path)
+    if stray == "file":
+        Path("0").write_bytes(b"a stray file, not a video")
+    else:
+        Path("0").mkdir()
+        write_image(Path("0") / "part.png", 80)
+    camera = FlakyCamera(clip, fps=100.0, script=["play"])
+
+    with live_camera(camera, source="0") as source:
+        frame = source.read(timeout=2.0)
+        state = source.state()
+
+    assert source.live and state.kind == "device" and state.source == "0"
+    assert frame is not None and frame.ok and camera.opens >= 1
+
+
+def test_a_folder_named_synthetic_does_not_beat_synthetic_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("synthetic").mkdir()
+    write_image(Path("synthetic") / "part.png", 80)
+
+    with open_source(CameraSection(source="synthetic", width=32)) as source:
+        assert source.state().kind == "synthetic" and source.read().source_name == ""
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "rtspsrc location=rtsp://cam.local/s ! rtph264depay ! avdec_h264 ! videoconvert ! appsink",
+        "http://cam.local/mjpg ! appsink",  # "!" decides, even where the text starts like a URL
+    ],
+)
+def test_text_with_an_exclamation_mark_is_a_pipeline_not_a_url(tmp_path: Path, pipeline: str) -> None:
+    if not gstreamer_available():
+        with pytest.raises(CameraError, match="without GStreamer"):
+            open_source(CameraSection(source=pipeline))
+        return
+    with live_camera(FlakyCamera(tmp_path / "none.avi", 10.0, []), source=pipeline) as source:
+        assert source.state().kind == "gstreamer"
+
+
+def test_a_url_with_a_query_is_a_url_not_a_glob(tmp_path: Path) -> None:
+    with live_camera(FlakyCamera(tmp_path / "none.avi", 10.0, []), source="http://cam.local/mjpg?fps=5") as source:
+        state = wait_for_state(source, lambda s: s.last_error is not None)
+
+    assert (state.kind, state.connected) == ("url", False)
+
+
 # --- configuration errors -----------------------------------------------------------------------------------------
 
 
@@ -487,8 +562,22 @@ def test_unknown_source_is_a_camera_error_naming_it(source: str) -> None:
 
 
 def test_unknown_source_says_what_is_expected() -> None:
-    with pytest.raises(CameraError, match=r"expected .*GStreamer pipeline ending in appsink"):
+    expected = r"'camera-one' does not exist and is not a known source; expected .*GStreamer pipeline ending in appsink"
+    with pytest.raises(CameraError, match=expected):
         open_source(CameraSection(source="camera-one"))
+
+
+def test_empty_source_says_what_is_expected() -> None:
+    with pytest.raises(CameraError, match=r"camera.source is empty; expected "):
+        open_source(CameraSection(source="  "))
+
+
+def test_an_existing_path_that_is_neither_file_nor_folder_is_a_camera_error(tmp_path: Path) -> None:
+    fifo = tmp_path / "camera-pipe"
+    os.mkfifo(fifo)
+
+    with pytest.raises(CameraError, match=r"is neither a file nor a folder; expected "):
+        open_source(CameraSection(source=str(fifo)))
 
 
 def test_gstreamer_pipeline_on_an_opencv_without_gstreamer_says_to_use_jetpacks(tmp_path: Path) -> None:
@@ -507,7 +596,15 @@ def test_gstreamer_pipeline_must_end_in_an_appsink() -> None:
         open_source(CameraSection(source="videotestsrc ! autovideosink"))
 
 
-def test_camera_module_loads_without_torch_or_the_training_package() -> None:
+def test_camera_package_loads_without_torch_the_training_package_or_synthetic_parts() -> None:
     # The station image on the Jetson has no torch; synthetic parts import synthetic.parts only when used.
-    code = "import sys, appliance.camera.sources; sys.exit(('torch' in sys.modules) + 2 * ('training' in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    # Every module of the package is imported, so a source added later is held to the same rule.
+    code = (
+        "import importlib, pkgutil, sys, appliance.camera as cam\n"
+        "names = [m.name for m in pkgutil.iter_modules(cam.__path__, 'appliance.camera.')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "assert {'appliance.camera.base', 'appliance.camera.live', 'appliance.camera.resolve'} <= set(names)\n"
+        "sys.exit(('torch' in sys.modules) + 2 * ('training' in sys.modules) + 4 * ('synthetic.parts' in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr or f"exit {done.returncode}: 1 torch, 2 training, 4 synthetic.parts"

@@ -10,15 +10,15 @@ import pytest
 from test_images_bit_depth import claiming_png
 
 from appliance.cli import main
-from synthetic.parts import render_part
+from tests.support.frames import NOT_A_PNG, part_image, write_part
 
 
 def test_classify_prints_a_verdict_per_image_and_error_for_a_bad_one(
     bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    cv2.imwrite(str(tmp_path / "a_ok.png"), render_part(11, None, 96, True))
-    cv2.imwrite(str(tmp_path / "b_pit.png"), render_part(12, "pit", 96, True))
-    (tmp_path / "c_broken.png").write_bytes(b"\x89PNG garbage IEND")
+    write_part(tmp_path / "a_ok.png", 11)
+    write_part(tmp_path / "b_pit.png", 12, "pit")
+    (tmp_path / "c_broken.png").write_bytes(NOT_A_PNG)
     assert main(["classify", str(tmp_path), "--bundle", str(bundle_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4
@@ -79,12 +79,12 @@ def verdict_lines(out: str) -> dict[str, str]:
 def test_classify_refuses_pixel_bombs_before_decoding_and_still_classifies_the_rest(
     bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], decoded: list[int]
 ):
-    cv2.imwrite(str(tmp_path / "a_ok.png"), render_part(11, None, 96, True))
+    write_part(tmp_path / "a_ok.png", 11)
     bomb = claiming_png(100_000, 100_000)
     assert len(bomb) == 69
     (tmp_path / "b_bomb.png").write_bytes(bomb)
     (tmp_path / "c_wide.png").write_bytes(claiming_png(20_000, 20_000))
-    cv2.imwrite(str(tmp_path / "d_pit.jpg"), render_part(12, "pit", 96, True))
+    write_part(tmp_path / "d_pit.jpg", 12, "pit")
 
     assert main(["classify", str(tmp_path), "--bundle", str(bundle_dir)]) == 0
 
@@ -101,7 +101,7 @@ def test_classify_refuses_pixel_bombs_before_decoding_and_still_classifies_the_r
 def test_classify_max_pixels_option_sets_the_limit(
     bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], decoded: list[int]
 ):
-    cv2.imwrite(str(tmp_path / "part.png"), render_part(11, None, 96, True))
+    write_part(tmp_path / "part.png", 11)
 
     assert main(["classify", str(tmp_path), "--bundle", str(bundle_dir), "--max-pixels", "9000"]) == 0
     lines = verdict_lines(capsys.readouterr().out)
@@ -119,7 +119,7 @@ def test_classify_survives_any_failure_of_one_image(
     import bundle.preprocess
 
     for name in ("a", "b", "c", "d"):
-        cv2.imwrite(str(tmp_path / f"{name}.png"), render_part(11, None, 96, True))
+        write_part(tmp_path / f"{name}.png", 11)
     failures = iter([cv2.error("OpenCV(5.0.0) resize.cpp:1: error: (-215:Assertion failed) inv_scale_x > 0\n"),
                      MemoryError(), ValueError("output buffer is (1, 2) float32")])
     real = bundle.preprocess.preprocess
@@ -145,7 +145,7 @@ def test_classify_survives_any_failure_of_one_image(
 def test_classify_with_bit_depth_12_sees_a_mono12_part_as_the_8_bit_part_it_shows(
     bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    part = render_part(12, "pit", 96, True)
+    part = part_image(12, "pit")
     cv2.imwrite(str(tmp_path / "a_eight.png"), cv2.cvtColor(part, cv2.COLOR_BGR2GRAY))
     cv2.imwrite(str(tmp_path / "b_mono12.png"), mono12(part))
     cv2.imwrite(str(tmp_path / "c_mono12.tif"), mono12(part))
@@ -168,7 +168,7 @@ def test_classify_with_bit_depth_12_sees_a_mono12_part_as_the_8_bit_part_it_show
 def test_classify_under_auto_warns_on_a_16_bit_file_that_holds_12_bit_data(
     bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    cv2.imwrite(str(tmp_path / "mono12.png"), mono12(render_part(11, None, 96, True)))
+    cv2.imwrite(str(tmp_path / "mono12.png"), mono12(part_image(11)))
 
     assert main(["classify", str(tmp_path), "--bundle", str(bundle_dir)]) == 0
 
@@ -179,7 +179,7 @@ def test_classify_under_auto_warns_on_a_16_bit_file_that_holds_12_bit_data(
 def test_classify_bit_depth_8_refuses_16_bit_files(
     bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    cv2.imwrite(str(tmp_path / "mono12.png"), mono12(render_part(11, None, 96, True)))
+    cv2.imwrite(str(tmp_path / "mono12.png"), mono12(part_image(11)))
     assert main(["classify", str(tmp_path), "--bundle", str(bundle_dir), "--bit-depth", "8"]) == 0
     line = verdict_lines(capsys.readouterr().out)["mono12.png"]
     assert line.startswith("error") and "16-bit" in line and "camera.bit_depth = 8" in line

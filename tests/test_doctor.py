@@ -8,24 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mqtt_helpers import start_station, station_settings, stop_station, write_frames
 
 from appliance.cli import main
 from appliance.doctor import Doctor, format_table
-from appliance.settings import StationSettings
-from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto, free_port, write_password_file
-
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")
-
-
-def _settings(tmp_path: Path, bundle_dir: Path, port: int, **sections) -> StationSettings:
-    values = {"station": {"id": "st-doc"}, "model": {"bundle": str(bundle_dir)},
-              "camera": {"source": str(write_frames(tmp_path / "frames", 2))},
-              "inference": {"backend": "onnxruntime"}, "storage": {"data_dir": str(tmp_path / "var")},
-              "mqtt": {"port": port}}
-    for key, value in sections.items():
-        values.setdefault(key, {}).update(value)
-    return StationSettings(**values)
+from tests.support.frames import write_frames
+from tests.support.mqtt import needs_mosquitto, start_station, stop_station
+from tests.support.pki import write_password_file
+from tests.support.settings import station_settings
+from tools.broker import MosquittoBroker
 
 
 def _by_name(checks) -> dict:
@@ -34,8 +24,10 @@ def _by_name(checks) -> dict:
 
 @needs_mosquitto
 def test_a_cpu_station_with_its_broker_passes_and_skips_the_gpu(tmp_path: Path, bundle_dir: Path):
+    frames = write_frames(tmp_path / "frames", 2)
     with MosquittoBroker(tmp_path / "broker") as broker:
-        checks = _by_name(Doctor(_settings(tmp_path, bundle_dir, broker.port)).checks())
+        checks = _by_name(Doctor(station_settings(tmp_path, bundle_dir, broker.port, station_id="st-doc",
+                                                  source=frames)).checks())
     assert [checks[n].outcome for n in ("model bundle", "camera", "broker", "disk")] == ["PASS"] * 4
     assert {checks[n].outcome for n in ("GPU", "TensorRT", "engine")} == {"SKIP"}
     assert "logged in to mqtt://127.0.0.1" in checks["broker"].detail
@@ -84,16 +76,19 @@ def test_a_gpu_station_on_a_pc_fails_the_gpu_checks_with_reasons(tmp_path: Path,
 
 @needs_mosquitto
 def test_wrong_broker_password_and_unreachable_broker_fail_with_the_station_messages(tmp_path: Path,
-                                                                                     bundle_dir: Path):
+                                                                                     bundle_dir: Path,
+                                                                                     refused_port: int):
     passwd = write_password_file(tmp_path / "passwd", {"st-doc": "right"})
+    frames = write_frames(tmp_path / "frames", 2)
     with MosquittoBroker(tmp_path / "broker", password_file=passwd) as broker:
-        wrong = _by_name(Doctor(_settings(tmp_path, bundle_dir, broker.port, mqtt={
-            "username": "st-doc", "password": "wrong"})).checks())["broker"]
-        right = _by_name(Doctor(_settings(tmp_path, bundle_dir, broker.port, mqtt={
-            "username": "st-doc", "password": "right"})).checks())["broker"]
+        wrong = _by_name(Doctor(station_settings(tmp_path, bundle_dir, broker.port, station_id="st-doc", source=frames,
+                                                 mqtt={"username": "st-doc", "password": "wrong"})).checks())["broker"]
+        right = _by_name(Doctor(station_settings(tmp_path, bundle_dir, broker.port, station_id="st-doc", source=frames,
+                                                 mqtt={"username": "st-doc", "password": "right"})).checks())["broker"]
     assert wrong.outcome == "FAIL" and "refused the station's login as 'st-doc'" in wrong.detail
     assert right.outcome == "PASS" and "as st-doc" in right.detail
-    down = _by_name(Doctor(_settings(tmp_path, bundle_dir, free_port())).checks())["broker"]
+    down = _by_name(Doctor(station_settings(tmp_path, bundle_dir, refused_port, station_id="st-doc",
+                                            source=frames)).checks())["broker"]
     assert down.outcome == "FAIL" and "refused the TCP connection" in down.detail
 
 
@@ -103,7 +98,8 @@ def test_doctor_does_not_knock_the_running_station_off_the_broker(tmp_path: Path
         station = start_station(station_settings(tmp_path, bundle_dir, broker.port, station_id="st-doc"))
         try:
             before = station.mqtt.link.state().connections
-            check = _by_name(Doctor(_settings(tmp_path, bundle_dir, broker.port)).checks())["broker"]
+            check = _by_name(Doctor(station_settings(tmp_path, bundle_dir, broker.port, station_id="st-doc",
+                                                     source=write_frames(tmp_path / "frames", 2))).checks())["broker"]
             assert check.outcome == "PASS"
             assert station.mqtt.link.state().connected and station.mqtt.link.state().connections == before
         finally:
@@ -114,18 +110,19 @@ def test_camera_bundle_and_disk_failures_name_the_cause(tmp_path: Path, bundle_d
     (tmp_path / "empty").mkdir()
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    settings = _settings(tmp_path, tmp_path / "no-bundle", 1, camera={"source": "/dev/video9"},
-                         mqtt={"enabled": False}, storage={"data_dir": str(not_a_dir)})
+    settings = station_settings(tmp_path, tmp_path / "no-bundle", station_id="st-doc", source="/dev/video9",
+                                data_dir=not_a_dir)
     checks = _by_name(Doctor(settings, camera_timeout_s=1.0).checks())
     assert checks["model bundle"].outcome == "FAIL" and "no-bundle" in checks["model bundle"].detail
     assert checks["camera"].outcome == "FAIL" and "/dev/video9" in checks["camera"].detail
     assert checks["disk"].outcome == "FAIL" and "not writable" in checks["disk"].detail
     assert checks["broker"].outcome == "SKIP"
-    small = _by_name(Doctor(_settings(tmp_path, bundle_dir, 1, mqtt={"enabled": False}),
+    small = _by_name(Doctor(station_settings(tmp_path, bundle_dir, station_id="st-doc",
+                                             source=write_frames(tmp_path / "frames", 2)),
                             min_free_mb=10**9).checks())["disk"]
     assert small.outcome == "FAIL" and "below" in small.detail
-    empty = _by_name(Doctor(_settings(tmp_path, bundle_dir, 1, camera={"source": str(tmp_path / "empty")},
-                                      mqtt={"enabled": False})).checks())["camera"]
+    empty = _by_name(Doctor(station_settings(tmp_path, bundle_dir, station_id="st-doc",
+                                             source=tmp_path / "empty")).checks())["camera"]
     assert empty.outcome == "FAIL"
     table = format_table(list(checks.values()))
     assert table.splitlines()[0].startswith("check") and "check(s) failed" in table

@@ -15,55 +15,34 @@ import time
 from pathlib import Path
 
 import pytest
-from mqtt_helpers import (
-    LINE,
-    SITE,
-    Subscriber,
-    start_station,
-    station_settings,
-    stop_station,
-    wait_until,
-    write_frames,
-)
 
 from appliance.reporting.outbox import Outbox
-from appliance.reporting.payloads import BirthPayload, EventPayload, HealthPayload, ResultPayload, StatusPayload
+from appliance.reporting.payloads import BirthPayload, HealthPayload, ResultPayload, StatusPayload
 from appliance.reporting.results_log import ResultsLog
 from appliance.runtime import build_station, mqtt_link_config
 from bundle.decision import Mode
 from bundle.errors import ConfigError
 from bundle.format import ROLE_FILES
-from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto, make_test_pki, write_password_file
+from tests.support.frames import write_frames
+from tests.support.mqtt import (
+    Subscriber,
+    broker_with_config,
+    needs_mosquitto,
+    prefix,
+    rejections,
+    start_station,
+    stop_station,
+    trigger_parts,
+)
+from tests.support.pki import make_test_pki, write_password_file
+from tests.support.settings import LINE, SITE, station_settings
+from tests.support.waiting import wait_until
+from tools.broker import MosquittoBroker, TlsFiles
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")
+pytestmark = needs_mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 ACL = REPO / "provisioning" / "mosquitto" / "acl.conf"
-
-
-@pytest.fixture
-def broker(tmp_path: Path):
-    b = MosquittoBroker(tmp_path / "broker").start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
-def control_room(broker: MosquittoBroker):
-    sub = Subscriber(broker.port)
-    yield sub
-    sub.close()
-
-
-def _prefix(station: str) -> str:
-    return f"inspection/{SITE}/{LINE}/{station}"
-
-
-def _trigger(station, ids: list[str], pause: float = 0.0) -> None:
-    for part_id in ids:
-        station.pipeline.trigger(part_id)
-        if pause:
-            time.sleep(pause)
 
 
 def _logged_ids(db: Path) -> set[str]:
@@ -80,8 +59,7 @@ def _logged_ids(db: Path) -> set[str]:
 def test_every_result_arrives_schema_valid_with_birth_status_and_heartbeats(
         tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker, control_room: Subscriber):
     folder = write_frames(tmp_path / "frames", 10)
-    settings = station_settings(tmp_path, bundle_dir, broker.port, camera={"source": str(folder), "loop": False},
-                                trigger={"mode": "continuous"})
+    settings = station_settings(tmp_path, bundle_dir, broker.port, source=folder)
     station = start_station(settings)
     assert wait_until(lambda: not station.pipeline.alive, 60)
     assert stop_station(station), "outbox not drained on a graceful stop"
@@ -123,16 +101,17 @@ def test_broker_down_for_10_s_mid_run_loses_nothing(tmp_path: Path, bundle_dir: 
     sub = Subscriber(broker.port, persistent=True)
     station = start_station(station_settings(tmp_path, bundle_dir, broker.port))
     try:
-        _trigger(station, [f"A-{i}" for i in range(5)], pause=0.1)
+        trigger_parts(station, [f"A-{i}" for i in range(5)], pause=0.1)
         assert wait_until(lambda: len(sub.of("result")) == 5)
         broker.stop()
         t0 = time.monotonic()
-        _trigger(station, [f"B-{i}" for i in range(8)], pause=0.2)  # inspected while the broker is down
+        trigger_parts(station, [f"B-{i}" for i in range(8)], pause=0.2)  # inspected while the broker is down
         assert wait_until(lambda: station.mqtt.link.state().connected is False, 10)
+        # Not a wait for the station: the outage under test lasts 10 s (the station retries meanwhile).
         time.sleep(max(0.0, 10.0 - (time.monotonic() - t0)))
-        assert station.outbox.depth() >= 8  # results (and heartbeats) held on disk
+        assert wait_until(lambda: station.outbox.depth() >= 8, 10)  # results (and heartbeats) held on disk
         broker.start()
-        _trigger(station, [f"C-{i}" for i in range(3)])
+        trigger_parts(station, [f"C-{i}" for i in range(3)])
         assert wait_until(lambda: len({m.payload["inspection_id"] for m in sub.of("result")}) == 16, 30)
     finally:
         drained = stop_station(station)
@@ -248,15 +227,14 @@ def test_retained_status_and_birth_come_back_after_a_broker_restart(
         stop_station(station)
 
 
-def test_outbox_overflow_sheds_heartbeats_first_and_reports_it(tmp_path: Path, bundle_dir: Path):
-    from tools.broker import free_port
-
-    settings = station_settings(tmp_path, bundle_dir, free_port(), mqtt={"outbox_max_messages": 100,
-                                                                         "heartbeat_s": 0.5})
+def test_outbox_overflow_sheds_heartbeats_first_and_reports_it(tmp_path: Path, bundle_dir: Path,
+                                                               refused_port: int):
+    settings = station_settings(tmp_path, bundle_dir, refused_port, mqtt={"outbox_max_messages": 100,
+                                                                          "heartbeat_s": 0.5})
     station = start_station(settings, connect=False)  # nothing listens there: the broker is unreachable throughout
     try:
         assert wait_until(lambda: station.outbox.depth() >= 3, 10)  # a few heartbeats spooled
-        _trigger(station, [f"P-{i}" for i in range(110)])
+        trigger_parts(station, [f"P-{i}" for i in range(110)])
         assert wait_until(lambda: len(_logged_ids(settings.storage.data_dir / "results.sqlite3")) == 110, 60)
         assert wait_until(lambda: any(e["kind"] == "spool_overflow" for e in _events(station)), 10)
     finally:
@@ -290,27 +268,27 @@ def _events_in(data_dir: Path) -> list[tuple[str, dict]]:
 
 def test_commands_change_the_mode_trigger_parts_and_bad_ones_change_nothing(
         tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker, control_room: Subscriber):
-    cmd = _prefix("st-mqtt") + "/cmd/"
+    cmd = prefix("st-mqtt") + "/cmd/"
     # A retained command left on the broker would be re-applied on every reconnect: it is refused.
     control_room.publish(cmd + "mode", '{"mode": "shadow"}', retain=True)
     station = start_station(station_settings(tmp_path, bundle_dir, broker.port))
     try:
-        assert control_room.wait_for(lambda: len(_rejections(control_room)) == 1, 10)
-        assert "retained" in _rejections(control_room)[0].detail["reason"]
+        assert control_room.wait_for(lambda: len(rejections(control_room)) == 1, 10)
+        assert "retained" in rejections(control_room)[0].detail["reason"]
         assert station.pipeline.mode is Mode.PRODUCTION
         control_room.publish(cmd + "mode", b"", retain=True)  # clears it (and, empty, is not a command)
 
         control_room.publish(cmd + "mode", '{"mode": "shadow", "message_id": "m1"}')
         assert wait_until(lambda: station.pipeline.mode is Mode.SHADOW, 10)
 
-        rejected_before = len(_rejections(control_room))
+        rejected_before = len(rejections(control_room))
         control_room.publish(cmd + "mode", '{"mode": "manual_fallback"}')  # not a command an operator may give
         control_room.publish(cmd + "mode", b"{not json")
         control_room.publish(cmd + "mode", '{"mode": "production", "colour": "red"}')
         control_room.publish(cmd + "trigger", '{"part_id": "bad/id"}')
-        assert control_room.wait_for(lambda: len(_rejections(control_room)) - rejected_before == 4, 10)
+        assert control_room.wait_for(lambda: len(rejections(control_room)) - rejected_before == 4, 10)
         reasons = [(e.detail["command"], e.detail["field"], e.detail["reason"])
-                   for e in _rejections(control_room)[rejected_before:]]
+                   for e in rejections(control_room)[rejected_before:]]
         assert reasons[0][:2] == ("cmd/mode", "mode")
         assert reasons[1][1] == "(payload)" and "not valid JSON" in reasons[1][2]
         assert reasons[2][1] == "colour" and reasons[2][2] == "unknown field"
@@ -339,21 +317,15 @@ def test_commands_change_the_mode_trigger_parts_and_bad_ones_change_nothing(
 def test_trigger_is_refused_on_a_continuous_station(
         tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker, control_room: Subscriber):
     folder = write_frames(tmp_path / "frames", 1)
-    station = start_station(station_settings(tmp_path, bundle_dir, broker.port, trigger={"mode": "continuous"},
-                                             camera={"source": str(folder), "loop": False}))
+    station = start_station(station_settings(tmp_path, bundle_dir, broker.port, source=folder))
     try:
         # The station subscribes to its commands before it sends its birth (test_mqtt_commands.py).
         assert control_room.wait_for(lambda: control_room.of("birth"), 10)
-        control_room.publish(_prefix("st-mqtt") + "/cmd/trigger", '{"part_id": "SN-1"}')
-        assert control_room.wait_for(lambda: _rejections(control_room), 10)
-        assert "continuous" in _rejections(control_room)[0].detail["reason"]
+        control_room.publish(prefix("st-mqtt") + "/cmd/trigger", '{"part_id": "SN-1"}')
+        assert control_room.wait_for(lambda: rejections(control_room), 10)
+        assert "continuous" in rejections(control_room)[0].detail["reason"]
     finally:
         stop_station(station)
-
-
-def _rejections(sub: Subscriber) -> list[EventPayload]:
-    events = [EventPayload.model_validate(m.payload) for m in sub.of("event")]
-    return [e for e in events if e.kind == "command_rejected"]
 
 
 # --- authentication, ACL, TLS ---------------------------------------------------------------------------------
@@ -376,7 +348,7 @@ def test_wrong_password_is_a_clear_error_and_the_station_keeps_inspecting(
         assert wait_until(lambda: station.mqtt.link.state().last_error is not None, 10)
         error = station.mqtt.link.state().last_error
         assert "refused the station's login as 'st-auth'" in error and "mqtt.password" in error
-        _trigger(station, ["W-1", "W-2"])
+        trigger_parts(station, ["W-1", "W-2"])
         assert wait_until(lambda: len(list(station.results.inspections())) == 2, 20)
         assert wait_until(lambda: station.outbox.depth() >= 2, 5)  # spooled, waiting for a working login
         assert not station.mqtt.link.state().connected
@@ -395,23 +367,23 @@ def test_acl_lets_a_station_write_only_its_own_prefix_and_dashboards_only_read(
                                               mqtt={"username": "st-other", "password": "other"}))
     try:
         assert station.mqtt.link.wait_connected(10) and impostor.mqtt.link.wait_connected(10)
-        _trigger(station, ["OK-1"])
+        trigger_parts(station, ["OK-1"])
         assert dashboard.wait_for(lambda: dashboard.of("result", "st-auth"), 10)
         # The dashboard may read but not command: the broker drops its publish, the mode stays.
-        dashboard.publish(_prefix("st-auth") + "/cmd/mode", '{"mode": "shadow"}')  # returns once the broker has it
+        dashboard.publish(prefix("st-auth") + "/cmd/mode", '{"mode": "shadow"}')  # returns once the broker has it
         # The controller may command. Anchor: its trigger reaches the station after anything the broker had
         # already accepted from the dashboard; the part it makes is still decided in production.
         controller = Subscriber(secured_broker.port, client_id="ctl", username="controller", password="ctl")
-        controller.publish(_prefix("st-auth") + "/cmd/trigger", '{"part_id": "ANCHOR-1", "message_id": "a1"}')
+        controller.publish(prefix("st-auth") + "/cmd/trigger", '{"part_id": "ANCHOR-1", "message_id": "a1"}')
         assert dashboard.wait_for(lambda: [m for m in dashboard.of("result", "st-auth")
                                            if m.payload["part_id"] == "ANCHOR-1"], 10)
         anchor = next(m for m in dashboard.of("result", "st-auth") if m.payload["part_id"] == "ANCHOR-1")
         assert anchor.payload["mode"] == "production" and station.pipeline.mode is Mode.PRODUCTION
-        controller.publish(_prefix("st-auth") + "/cmd/mode", '{"mode": "shadow"}')
+        controller.publish(prefix("st-auth") + "/cmd/mode", '{"mode": "shadow"}')
         assert wait_until(lambda: station.pipeline.mode is Mode.SHADOW, 10)
         controller.close()
         # The impostor's messages are refused by the broker (MQTT 5 PUBACK "Not authorized"), kept, and named.
-        _trigger(impostor, ["X-1"])
+        trigger_parts(impostor, ["X-1"])
         assert wait_until(lambda: impostor.mqtt.link.state().held >= 1, 10)
         assert "Not authorized" in impostor.mqtt.link.state().last_error
         assert "ACL" in impostor.mqtt.link.state().last_error
@@ -430,8 +402,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_tls_with_a_trusted_ca_and_a_client_certificate_delivers_results(
         tmp_path: Path, bundle_dir: Path, pki: dict[str, Path]):
-    from tools.broker import TlsFiles
-
     tls = TlsFiles(pki["ca.crt"], pki["server.crt"], pki["server.key"], require_client_cert=True)
     with MosquittoBroker(tmp_path / "tls-broker", tls=tls) as broker:
         station = start_station(station_settings(tmp_path, bundle_dir, broker.port, mqtt={"tls": {
@@ -440,7 +410,7 @@ def test_tls_with_a_trusted_ca_and_a_client_certificate_delivers_results(
         try:
             assert station.mqtt.link.wait_connected(10), station.mqtt.link.state()
             assert station.mqtt.link.state().broker.startswith("mqtts://")
-            _trigger(station, ["T-1"])
+            trigger_parts(station, ["T-1"])
             assert wait_until(lambda: station.outbox.depth() == 0 and len(list(station.results.inspections())) == 1, 10)
         finally:
             stop_station(station)
@@ -448,8 +418,6 @@ def test_tls_with_a_trusted_ca_and_a_client_certificate_delivers_results(
 
 def test_tls_with_an_untrusted_server_certificate_is_a_clear_error(
         tmp_path: Path, bundle_dir: Path, pki: dict[str, Path]):
-    from tools.broker import TlsFiles
-
     with MosquittoBroker(tmp_path / "tls-broker", tls=TlsFiles(pki["ca.crt"], pki["server.crt"],
                                                                pki["server.key"])) as broker:
         station = start_station(station_settings(tmp_path, bundle_dir, broker.port, mqtt={"tls": {
@@ -458,7 +426,7 @@ def test_tls_with_an_untrusted_server_certificate_is_a_clear_error(
             assert wait_until(lambda: station.mqtt.link.state().last_error is not None, 10)
             error = station.mqtt.link.state().last_error
             assert "not trusted by mqtt.tls.ca_file" in error and "other-ca.crt" in error
-            _trigger(station, ["T-2"])
+            trigger_parts(station, ["T-2"])
             assert wait_until(lambda: len(list(station.results.inspections())) == 1, 20)  # still inspecting
         finally:
             stop_station(station, drain_s=0)
@@ -473,10 +441,9 @@ def test_missing_tls_file_is_a_config_error_naming_the_key(tmp_path: Path, bundl
         build_station(settings)
 
 
-def test_plain_listener_refusing_tcp_is_reported_with_host_and_port(tmp_path: Path, bundle_dir: Path):
-    from tools.broker import free_port
-
-    port = free_port()
+def test_plain_listener_refusing_tcp_is_reported_with_host_and_port(tmp_path: Path, bundle_dir: Path,
+                                                                    refused_port: int):
+    port = refused_port
     station = start_station(station_settings(tmp_path, bundle_dir, port), connect=False)
     try:
         assert wait_until(lambda: station.mqtt.link.state().last_error is not None, 10)
@@ -490,27 +457,28 @@ def test_the_shipped_broker_config_and_acl_serve_a_station_over_tls_with_a_passw
     """provisioning/mosquitto/mosquitto.conf as shipped, only its paths and port moved into a temporary folder."""
     import getpass
 
-    from tools.broker import free_port
-
     etc = tmp_path / "etc"
     (etc / "certs").mkdir(parents=True)
     for name in ("ca.crt", "server.crt", "server.key"):
         (etc / "certs" / name).write_bytes(pki[name].read_bytes())
     (etc / "acl.conf").write_text(ACL.read_text())
     write_password_file(etc / "passwd", {"st-tls": "pw", "dashboard": "view"})
-    port = free_port()
     shipped = (REPO / "provisioning" / "mosquitto" / "mosquitto.conf").read_text()
     assert "allow_anonymous false" in shipped and "listener 8883" in shipped
-    conf = (shipped.replace("/etc/mosquitto/", f"{etc}/").replace("/var/lib/mosquitto/", f"{tmp_path}/")
-            .replace("listener 8883", f"listener {port} 127.0.0.1")
-            .replace("log_dest syslog", f"log_dest file {tmp_path / 'mosquitto.log'}"))
-    conf += f"user {getpass.getuser()}\n"
-    with MosquittoBroker(tmp_path / "broker", port=port, config=conf):
+
+    def conf(port: int) -> str:
+        return (shipped.replace("/etc/mosquitto/", f"{etc}/").replace("/var/lib/mosquitto/", f"{tmp_path}/")
+                .replace("listener 8883", f"listener {port} 127.0.0.1")
+                .replace("log_dest syslog", f"log_dest file {tmp_path / 'mosquitto.log'}")
+                + f"user {getpass.getuser()}\n")
+
+    with broker_with_config(tmp_path / "broker", conf) as broker:
+        port = broker.port
         dashboard = Subscriber(port, client_id="dash", username="dashboard", password="view", ca_file=pki["ca.crt"])
         station = start_station(station_settings(tmp_path, bundle_dir, port, station_id="st-tls", mqtt={
             "username": "st-tls", "password": "pw", "tls": {"enabled": True, "ca_file": str(pki["ca.crt"])}}))
         try:
-            _trigger(station, ["TLS-1"])
+            trigger_parts(station, ["TLS-1"])
             assert dashboard.wait_for(lambda: dashboard.of("result", "st-tls"), 10)
             assert dashboard.of("result", "st-tls")[0].payload["part_id"] == "TLS-1"
         finally:

@@ -16,19 +16,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_helpers import (
-    LINE,
-    SITE,
-    Subscriber,
-    mosquitto_pub,
-    prefix,
-    rejections,
-    start_station,
-    station_settings,
-    stop_station,
-    wait_until,
-    write_frames,
-)
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from appliance.reporting.mqtt_link import LinkConfig, MqttLink
@@ -36,20 +23,26 @@ from appliance.reporting.outbox import Outbox
 from appliance.reporting.payloads import BirthPayload, EventPayload, Topics
 from appliance.runtime import build_station
 from bundle.decision import Mode
-from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto
+from tests.support.frames import write_frames
+from tests.support.mqtt import (
+    Subscriber,
+    mosquitto_pub,
+    needs_mosquitto,
+    prefix,
+    rejections,
+    start_station,
+    stop_station,
+)
+from tests.support.pki import write_password_file
+from tests.support.settings import LINE, SITE, STATION_ID, station_settings
+from tests.support.waiting import wait_until
+from tools.broker import MosquittoBroker
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")
+pytestmark = needs_mosquitto
 
-STATION = "st-mqtt"  # station_settings' default id
+STATION = STATION_ID  # station_settings' default id
 CMD = prefix(STATION) + "/cmd/"
 MAX_PACKET = 100_000
-
-
-@pytest.fixture
-def broker(tmp_path: Path):
-    b = MosquittoBroker(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture
@@ -246,8 +239,7 @@ def test_a_rejected_trigger_with_a_message_id_is_rejected_again_not_called_a_dup
     # Given a continuous station (it refuses triggers), whose single frame is inspected at once
     folder = write_frames(tmp_path / "frames", 1)
     sub = Subscriber(broker.port)
-    station = start_station(station_settings(tmp_path, bundle_dir, broker.port, trigger={"mode": "continuous"},
-                                             camera={"source": str(folder), "loop": False}))
+    station = start_station(station_settings(tmp_path, bundle_dir, broker.port, source=folder))
     try:
         # When the same trigger (one message id) is delivered twice, then a mode command as the anchor
         sub.publish(CMD + "trigger", '{"part_id": "SN-1", "message_id": "t-1"}')
@@ -554,8 +546,7 @@ def test_a_command_sent_on_the_online_status_is_not_lost_however_long_the_birth_
 
 def test_continuous_part_ids_are_unique_across_restarts_and_carry_the_run_number(tmp_path: Path, bundle_dir: Path):
     folder = write_frames(tmp_path / "frames", 3)
-    settings = station_settings(tmp_path, bundle_dir, 1883, station_id="st-runs", mqtt={"enabled": False},
-                                trigger={"mode": "continuous"}, camera={"source": str(folder), "loop": False})
+    settings = station_settings(tmp_path, bundle_dir, station_id="st-runs", source=folder)  # MQTT off
     part_ids: list[str] = []
     for _ in range(2):  # two starts of the station on the same storage.data_dir
         station = build_station(settings)
@@ -573,8 +564,6 @@ def test_continuous_part_ids_are_unique_across_restarts_and_carry_the_run_number
 
 def test_a_message_the_broker_refuses_three_times_goes_to_dead_letters_and_the_rest_flows(
         tmp_path: Path, bundle_dir: Path):
-    from tools.broker import write_password_file
-
     # Given a broker whose ACL lets user st-other write only under st-other's prefix, and a station logged in
     # as st-other but named st-spoof: the broker refuses every one of its messages (MQTT 5 PUBACK 0x87)
     acl = Path(__file__).resolve().parents[1] / "provisioning" / "mosquitto" / "acl.conf"

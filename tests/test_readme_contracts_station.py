@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_helpers import LINE, SITE, Subscriber, start_station, station_settings, stop_station, wait_until
 
 from appliance.inference.supervisor import BackendSupervisor
 from appliance.settings import StationSettings
@@ -32,10 +31,12 @@ from bundle.format import load_bundle
 from bundle.onnx_runtime import OnnxRuntimeBackend
 from engines.manifest import EngineManifest, manifest_path, write_manifest
 from engines.store import EngineKey
-from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto, free_port
+from tests.support.mqtt import Subscriber, needs_mosquitto, start_station, stop_station
+from tests.support.settings import LINE, SITE, station_settings
+from tests.support.waiting import wait_until
+from tools.broker import MosquittoBroker
 
 REPO = Path(__file__).resolve().parents[1]
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")
 
 
 # --- mqtt.topic_root ------------------------------------------------------------------------------------------------
@@ -86,9 +87,9 @@ def test_a_station_with_topic_root_plant_qa_publishes_and_takes_commands_only_th
 
 
 def test_reconnect_attempts_back_off_from_1_s_doubling_to_reconnect_max_s_and_log_the_error_once(
-        tmp_path: Path, bundle_dir: Path, caplog: pytest.LogCaptureFixture):
+        tmp_path: Path, bundle_dir: Path, caplog: pytest.LogCaptureFixture, refused_port: int):
     caplog.set_level(logging.ERROR, logger="appliance.mqtt")
-    port = free_port()  # nothing listens here: every attempt is refused at once
+    port = refused_port  # nothing listens here (nor can, for the whole test): every attempt is refused at once
     settings = station_settings(tmp_path, bundle_dir, port, station_id="st-backoff", mqtt={"reconnect_max_s": 2.0})
     station = start_station(settings, connect=False)
     changes: list[tuple[int, float]] = []  # (failed_attempts, when it was first seen)

@@ -10,44 +10,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import cv2
 import pytest
 
 from appliance.camera import open_source
 from appliance.inference.supervisor import BackendSupervisor
 from appliance.reporting.results_log import ResultsLog
 from appliance.runtime import LogReporter, build_pipeline, operating_point, operating_points
-from appliance.settings import CameraSection, StationSettings
+from appliance.settings import CameraSection
 from appliance.station.pipeline import Pipeline, PipelineConfig
 from bundle.decision import Mode, OperatingPoint
 from bundle.errors import GpuUnavailableError
 from bundle.onnx_runtime import OnnxRuntimeBackend
-from synthetic.parts import render_part
-
-
-def _frames(folder: Path, n: int, bad: int | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        path = folder / f"part_{i:03d}.png"
-        if i == bad:
-            path.write_bytes(b"\x89PNG not really IEND")
-        else:
-            cv2.imwrite(str(path), render_part(500 + i, "pit" if i % 3 == 0 else None, 96, True))
-    return folder
-
-
-def _settings(tmp_path: Path, bundle_dir: Path, source: str, **sections) -> StationSettings:
-    values = {
-        "station": {"id": "st-test"}, "model": {"bundle": str(bundle_dir)},
-        "camera": {"source": source}, "inference": {"backend": "onnxruntime", "threads": 1},
-        "storage": {"data_dir": str(tmp_path / "var")}, "mqtt": {"enabled": False},
-    }
-    for key, value in sections.items():
-        values.setdefault(key, {}).update(value)
-    return StationSettings(**values)
+from tests.support.frames import write_frames
+from tests.support.settings import station_settings
+from tests.support.waiting import wait_until
 
 
 def _run(pipeline: Pipeline, timeout: float = 60) -> None:
@@ -56,8 +34,8 @@ def _run(pipeline: Pipeline, timeout: float = 60) -> None:
 
 
 def test_every_frame_of_a_folder_is_inspected_and_recorded(tmp_path: Path, bundle_dir: Path):
-    folder = _frames(tmp_path / "frames", 7, bad=4)
-    pipeline, results = build_pipeline(_settings(tmp_path, bundle_dir, str(folder)))
+    folder = write_frames(tmp_path / "frames", 7, bad=4)
+    pipeline, results = build_pipeline(station_settings(tmp_path, bundle_dir, source=folder))
     _run(pipeline)
     records = list(results.inspections())
     assert [r.source_name for r in records] == [f"part_{i:03d}.png" for i in range(7)]
@@ -77,8 +55,8 @@ def test_scores_equal_the_bundle_run_directly(tmp_path: Path, bundle_dir: Path):
     from bundle.images import read_image
     from bundle.preprocess import preprocess
 
-    folder = _frames(tmp_path / "frames", 3)
-    pipeline, results = build_pipeline(_settings(tmp_path, bundle_dir, str(folder)))
+    folder = write_frames(tmp_path / "frames", 3)
+    pipeline, results = build_pipeline(station_settings(tmp_path, bundle_dir, source=folder))
     _run(pipeline)
     bundle = load_bundle(bundle_dir)
     backend = OnnxRuntimeBackend(bundle.path("onnx_fp32"))
@@ -88,8 +66,9 @@ def test_scores_equal_the_bundle_run_directly(tmp_path: Path, bundle_dir: Path):
 
 
 def test_shadow_mode_records_the_ai_and_sends_every_part_to_a_human(tmp_path: Path, bundle_dir: Path):
-    folder = _frames(tmp_path / "frames", 3)
-    pipeline, results = build_pipeline(_settings(tmp_path, bundle_dir, str(folder), decision={"mode": "shadow"}))
+    folder = write_frames(tmp_path / "frames", 3)
+    pipeline, results = build_pipeline(station_settings(tmp_path, bundle_dir, source=folder,
+                                                        decision={"mode": "shadow"}))
     _run(pipeline)
     for r in results.inspections():
         assert r.verdict == "manual_required" and r.ai_verdict in ("pass", "fail", "manual_required")
@@ -125,7 +104,7 @@ class DiesOnCall:
 
 def _pipeline_with(tmp_path: Path, bundle_dir: Path, n: int, primary_factory, fallback, results: ResultsLog,
                    retry_s: float = 0.0) -> Pipeline:
-    settings = _settings(tmp_path, bundle_dir, str(_frames(tmp_path / "frames", n)))
+    settings = station_settings(tmp_path, bundle_dir, source=write_frames(tmp_path / "frames", n))
     from bundle.format import load_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -218,10 +197,9 @@ def test_a_fatal_cuda_error_without_a_fallback_sends_the_part_to_a_human_then_st
 
 def test_run_exits_11_after_a_fatal_cuda_error_with_the_reason_in_the_last_heartbeat_and_event(
         tmp_path: Path, bundle_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    from mqtt_helpers import Subscriber, station_settings
-
     from appliance import runtime
     from appliance.threads import EXIT_CUDA_FATAL, EXIT_THREAD_FAILED
+    from tests.support.mqtt import Subscriber
     from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto
 
     assert EXIT_CUDA_FATAL == 11 and EXIT_CUDA_FATAL != EXIT_THREAD_FAILED
@@ -280,14 +258,14 @@ def test_engines_of_each_precision_get_their_operating_point_and_station_overrid
 
     bundle = load_bundle(bundle_dir)
     meta = bundle.metadata
-    int8 = _settings(tmp_path, bundle_dir, "x", inference={"backend": "tensorrt", "precision": "int8"})
+    int8 = station_settings(tmp_path, bundle_dir, source="x", inference={"backend": "tensorrt", "precision": "int8"})
     ops = operating_points(int8, bundle)
     assert ops["tensorrt"].threshold == meta.decision_for("int8").threshold
     assert ops["onnxruntime"].threshold == meta.decision.threshold  # the CPU fallback runs the FP32 ONNX
-    fp16 = _settings(tmp_path, bundle_dir, "x", inference={"backend": "tensorrt", "precision": "fp16"})
+    fp16 = station_settings(tmp_path, bundle_dir, source="x", inference={"backend": "tensorrt", "precision": "fp16"})
     assert operating_points(fp16, bundle)["tensorrt"].band_high == meta.decision_for("fp16").band_high
-    fixed = _settings(tmp_path, bundle_dir, "x", inference={"precision": "int8"},
-                      decision={"threshold": 0.42, "band_low": 0.4, "band_high": 0.45})
+    fixed = station_settings(tmp_path, bundle_dir, source="x", inference={"precision": "int8"},
+                             decision={"threshold": 0.42, "band_low": 0.4, "band_high": 0.45})
     assert set(operating_points(fixed, bundle).values()) == {OperatingPoint(0.42, 0.4, 0.45)}
 
 
@@ -297,7 +275,7 @@ def test_a_part_is_judged_at_the_operating_point_of_the_backend_that_scored_it(t
     from bundle.format import load_bundle
 
     onnx = load_bundle(bundle_dir).path("onnx_fp32")
-    folder = _frames(tmp_path / "frames", 6)
+    folder = write_frames(tmp_path / "frames", 6)
     config = PipelineConfig(
         station_id="st-test", spec=load_bundle(bundle_dir).metadata.preprocess,
         operating_point=OperatingPoint(0.5, 0.5, 0.5),
@@ -320,8 +298,9 @@ def test_a_part_is_judged_at_the_operating_point_of_the_backend_that_scored_it(t
 
 def test_cpu_fallback_when_tensorrt_is_missing(tmp_path: Path, bundle_dir: Path):
     # Real condition on this machine: no TensorRT, no CUDA. With cpu_fallback the bundle's FP32 ONNX runs.
-    folder = _frames(tmp_path / "frames", 4)
-    settings = _settings(tmp_path, bundle_dir, str(folder), inference={"backend": "tensorrt", "cpu_fallback": True})
+    folder = write_frames(tmp_path / "frames", 4)
+    settings = station_settings(tmp_path, bundle_dir, source=folder,
+                                inference={"backend": "tensorrt", "cpu_fallback": True})
     pipeline, results = build_pipeline(settings)
     _run(pipeline)
     records = list(results.inspections())
@@ -332,8 +311,9 @@ def test_cpu_fallback_when_tensorrt_is_missing(tmp_path: Path, bundle_dir: Path)
 
 
 def test_no_gpu_and_no_fallback_means_manual_inspection_with_the_reason(tmp_path: Path, bundle_dir: Path):
-    folder = _frames(tmp_path / "frames", 3)
-    pipeline, results = build_pipeline(_settings(tmp_path, bundle_dir, str(folder), inference={"backend": "auto"}))
+    folder = write_frames(tmp_path / "frames", 3)
+    pipeline, results = build_pipeline(station_settings(tmp_path, bundle_dir, source=folder,
+                                                        inference={"backend": "auto"}))
     _run(pipeline)
     for r in results.inspections():
         assert r.verdict == "manual_required" and r.mode == "manual_fallback" and r.score is None
@@ -341,15 +321,12 @@ def test_no_gpu_and_no_fallback_means_manual_inspection_with_the_reason(tmp_path
 
 
 def test_triggered_mode_inspects_one_frame_per_trigger_with_its_part_id(tmp_path: Path, bundle_dir: Path):
-    settings = _settings(tmp_path, bundle_dir, "synthetic", trigger={"mode": "triggered"},
-                         camera={"loop": True})
+    settings = station_settings(tmp_path, bundle_dir, source="synthetic", trigger={"mode": "triggered"})
     pipeline, results = build_pipeline(settings)
     pipeline.start()
     for pid in ("SN-1001", "SN-1002", "SN-1003"):
         pipeline.trigger(pid)
-    deadline = time.monotonic() + 30
-    while pipeline.stats.total < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: pipeline.stats.total >= 3, 30)  # the assertion below says what was missing
     pipeline.stop()
     assert pipeline.join(30)
     assert [r.part_id for r in results.inspections()] == ["SN-1001", "SN-1002", "SN-1003"]
@@ -365,11 +342,8 @@ def test_sigterm_drains_the_queues_and_exits_0(tmp_path: Path, bundle_dir: Path)
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     db = tmp_path / "var" / "results.sqlite3"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if db.exists() and sum(ResultsLog(db).counts().values()) >= 5:
-            break
-        time.sleep(0.2)
+    # SIGTERM after at least 5 parts (or after the deadline: the assertions below then say what happened)
+    wait_until(lambda: db.exists() and sum(ResultsLog(db).counts().values()) >= 5, 60)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
@@ -435,9 +409,7 @@ def test_trigger_stdin_inspects_one_part_per_line(tmp_path: Path, bundle_dir: Pa
     proc.stdin.write("SN-A\n\nSN-B\n")
     proc.stdin.flush()
     db = tmp_path / "var" / "results.sqlite3"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (db.exists() and sum(ResultsLog(db).counts().values()) >= 2):
-        time.sleep(0.2)
+    wait_until(lambda: db.exists() and sum(ResultsLog(db).counts().values()) >= 2, 60)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out

@@ -19,16 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mqtt_helpers import Subscriber, start_station, station_settings, stop_station, wait_until
 
 from appliance.reporting.outbox import NewMessage, Outbox
 from appliance.reporting.recorder import StoreWriter
 from appliance.reporting.results_log import LoggedEvent, ResultsLog
 from appliance.station.inspection import InspectionRecord
 from bundle.decision import Mode
-from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto
-
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")
+from tests.support.mqtt import Subscriber, needs_mosquitto, start_station, stop_station, trigger_parts
+from tests.support.settings import station_settings
+from tests.support.waiting import wait_until
+from tools.broker import MosquittoBroker
 
 
 def _can_mount() -> str | None:
@@ -41,20 +41,6 @@ def _can_mount() -> str | None:
 
 
 needs_mount = pytest.mark.skipif(_can_mount() is not None, reason=str(_can_mount()))
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    b = MosquittoBroker(tmp_path / "broker").start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
-def control_room(broker: MosquittoBroker) -> Iterator[Subscriber]:
-    sub = Subscriber(broker.port)
-    yield sub
-    sub.close()
 
 
 @pytest.fixture
@@ -136,13 +122,6 @@ def _events(sub: Subscriber, kind: str) -> list[dict]:
     return [m.payload["detail"] for m in sub.of("event") if m.payload["kind"] == kind]
 
 
-def _trigger(station, ids: list[str], pause: float = 0.0) -> None:
-    for part_id in ids:
-        station.pipeline.trigger(part_id)
-        if pause:
-            time.sleep(pause)
-
-
 # --- a locked results log -----------------------------------------------------------------------------------------
 
 
@@ -153,11 +132,11 @@ def test_a_locked_results_log_loses_no_part_stalls_nothing_and_is_reported(
     db = settings.storage.data_dir / "results.sqlite3"
     station = start_station(settings)
     try:
-        _trigger(station, ["A-0", "A-1", "A-2"])
+        trigger_parts(station, ["A-0", "A-1", "A-2"])
         assert control_room.wait_for(lambda: len(_parts_received(control_room)) == 3)
         locker = Locker(db, seconds=8)
         b_parts = [f"B-{i}" for i in range(10)]
-        _trigger(station, b_parts, pause=0.05)
+        trigger_parts(station, b_parts, pause=0.05)
         # The outbox is another file: every result reaches the control room while the log is still locked.
         # (Before the fix the decide thread waited 5 s per part on the lock, and the parts were lost.)
         assert control_room.wait_for(lambda: len(_parts_received(control_room)) == 13, 6)
@@ -199,10 +178,10 @@ def test_a_full_backlog_turns_the_station_fail_safe_until_storage_recovers(
     db = settings.storage.data_dir / "results.sqlite3"
     station = start_station(settings)
     try:
-        _trigger(station, ["W-0"])
+        trigger_parts(station, ["W-0"])
         assert control_room.wait_for(lambda: len(_parts_received(control_room)) == 1)
         locker = Locker(db, seconds=12)
-        _trigger(station, [f"L-{i}" for i in range(16)], pause=0.05)
+        trigger_parts(station, [f"L-{i}" for i in range(16)], pause=0.05)
         assert control_room.wait_for(lambda: len(_parts_received(control_room)) == 17, 10)
         assert locker.holding
         results = {m.payload["part_id"]: m.payload for m in control_room.of("result")}
@@ -220,7 +199,7 @@ def test_a_full_backlog_turns_the_station_fail_safe_until_storage_recovers(
         # Back to its configured mode by itself once the log takes writes again.
         assert wait_until(lambda: station.pipeline.mode is Mode.PRODUCTION, 20)
         assert control_room.wait_for(lambda: _events(control_room, "fallback_ended"), 10)
-        _trigger(station, ["AFTER-0"])
+        trigger_parts(station, ["AFTER-0"])
         assert control_room.wait_for(lambda: "AFTER-0" in results_of(control_room), 10)
         assert results_of(control_room)["AFTER-0"]["mode"] == "production"
     finally:
@@ -244,14 +223,14 @@ def results_of(sub: Subscriber) -> dict[str, dict]:
 @needs_mount
 def test_a_full_disk_loses_no_part_keeps_the_link_alive_and_heartbeats_going(
         tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker, control_room: Subscriber, tmpfs: Path):
-    settings = station_settings(tmp_path, bundle_dir, broker.port, storage={"data_dir": str(tmpfs / "var")})
+    settings = station_settings(tmp_path, bundle_dir, broker.port, data_dir=tmpfs / "var")
     station = start_station(settings)
     try:
-        _trigger(station, [f"P-{i}" for i in range(5)])
+        trigger_parts(station, [f"P-{i}" for i in range(5)])
         assert control_room.wait_for(lambda: len(_parts_received(control_room)) == 5)
         filler = _fill(tmpfs)
         full_since = time.monotonic()
-        _trigger(station, [f"Q-{i}" for i in range(30)], pause=0.05)
+        trigger_parts(station, [f"Q-{i}" for i in range(30)], pause=0.05)
         assert control_room.wait_for(lambda: _events(control_room, "storage_fault"), 15)
         # Heartbeats keep coming while nothing can be written, and say why, with SQLite's own words.
         assert control_room.wait_for(lambda: sum(
@@ -260,7 +239,9 @@ def test_a_full_disk_loses_no_part_keeps_the_link_alive_and_heartbeats_going(
         beat = [m.payload for m in control_room.of("health") if not m.payload["storage"]["ok"]][-1]
         assert "full" in beat["last_error"] and "rollback" not in beat["last_error"]
         assert all("full" in f["error"] for f in beat["storage"]["faults"])
-        time.sleep(1.0)  # the disk stays full a while (as in the field report) while parts keep coming
+        # Not a wait for the station: the disk stays full a while longer (as in the field report) while parts keep
+        # coming; the heartbeats above already proved the station noticed.
+        time.sleep(1.0)
         filler.unlink()
         expected = [f"P-{i}" for i in range(5)] + [f"Q-{i}" for i in range(30)]
         assert control_room.wait_for(lambda: set(_parts_received(control_room)) == set(expected), 30), (
@@ -284,10 +265,10 @@ def test_a_full_disk_loses_no_part_keeps_the_link_alive_and_heartbeats_going(
 def test_a_read_only_file_system_at_start_holds_parts_until_it_is_writable(
         tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker, control_room: Subscriber, tmpfs: Path):
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    settings = station_settings(tmp_path, bundle_dir, broker.port, storage={"data_dir": str(tmpfs / "var")})
+    settings = station_settings(tmp_path, bundle_dir, broker.port, data_dir=tmpfs / "var")
     station = start_station(settings)  # starts: the stores are faults to ride out, not a reason to refuse
     try:
-        _trigger(station, [f"R-{i}" for i in range(5)])
+        trigger_parts(station, [f"R-{i}" for i in range(5)])
         assert control_room.wait_for(lambda: len(_events(control_room, "storage_fault")) >= 2, 15)
         stores = {e["store"] for e in _events(control_room, "storage_fault")}
         assert stores == {"results_log", "outbox"}
@@ -314,14 +295,14 @@ def test_store_files_deleted_under_the_running_station_are_rebuilt_with_everythi
     data = settings.storage.data_dir
     station = start_station(settings)
     try:
-        _trigger(station, [f"D-{i}" for i in range(4)])
+        trigger_parts(station, [f"D-{i}" for i in range(4)])
         assert control_room.wait_for(lambda: len(_parts_received(control_room)) == 4)
         broker.stop()  # so the outbox holds unsent messages when it is deleted
-        _trigger(station, [f"E-{i}" for i in range(3)])
+        trigger_parts(station, [f"E-{i}" for i in range(3)])
         assert wait_until(lambda: len(_logged_parts(data / "results.sqlite3")) == 7, 10)
         for f in data.iterdir():  # `rm var/*`: the database files and their -wal / -shm
             f.unlink()
-        _trigger(station, [f"F-{i}" for i in range(3)])
+        trigger_parts(station, [f"F-{i}" for i in range(3)])
         broker.start()
         expected = [f"D-{i}" for i in range(4)] + [f"E-{i}" for i in range(3)] + [f"F-{i}" for i in range(3)]
         assert control_room.wait_for(lambda: set(_parts_received(control_room)) == set(expected), 30)
@@ -341,7 +322,7 @@ def test_a_store_overwritten_under_the_station_is_moved_aside_and_recording_goes
     station = start_station(settings)
     kept: list[int] = []
     try:
-        _trigger(station, ["C-0", "C-1"])
+        trigger_parts(station, ["C-0", "C-1"])
         assert wait_until(lambda: len(_logged_parts(db) or []) == 2, 10)
         # The same files, their content destroyed (descriptors kept open until the end: closing one would drop
         # the station's own SQLite locks on them, a different fault).
@@ -349,7 +330,7 @@ def test_a_store_overwritten_under_the_station_is_moved_aside_and_recording_goes
             fd = os.open(name, os.O_RDWR)
             kept.append(fd)
             os.pwrite(fd, os.urandom(max(os.fstat(fd).st_size, 4096)), 0)
-        _trigger(station, ["C-2", "C-3"])
+        trigger_parts(station, ["C-2", "C-3"])
         assert control_room.wait_for(lambda: _events(control_room, "storage_repaired"), 15)
         note = _events(control_room, "storage_repaired")[0]
         assert note["kind"] == "corrupt_file_moved_aside" and Path(note["moved_to"]).exists()
@@ -364,7 +345,7 @@ def test_a_store_overwritten_under_the_station_is_moved_aside_and_recording_goes
 def test_a_corrupt_results_log_at_start_is_moved_aside_and_the_station_starts(tmp_path: Path, bundle_dir: Path):
     from appliance.runtime import build_pipeline
 
-    settings = station_settings(tmp_path, bundle_dir, 1883, mqtt={"enabled": False})
+    settings = station_settings(tmp_path, bundle_dir)  # MQTT off
     data = settings.storage.data_dir
     data.mkdir(parents=True)
     (data / "results.sqlite3").write_bytes(b"this is not a database" * 100)
@@ -493,13 +474,13 @@ def test_a_store_overwritten_in_place_by_another_database_is_moved_aside_and_rec
     db = settings.storage.data_dir / "results.sqlite3"
     station = start_station(settings)
     try:
-        _trigger(station, ["K-0", "K-1"])
+        trigger_parts(station, ["K-0", "K-1"])
         assert wait_until(lambda: _logged_parts(db) == ["K-0", "K-1"], 10)
         # another process checkpoints (as a backup tool does), then copies a different database over the file
         subprocess.run([sys.executable, "-c", f"import sqlite3; sqlite3.connect({str(db)!r}).execute("
                         "'PRAGMA wal_checkpoint(TRUNCATE)')"], check=True)
         subprocess.run(["cp", str(other), str(db)], check=True)
-        _trigger(station, ["K-2", "K-3"])
+        trigger_parts(station, ["K-2", "K-3"])
         assert control_room.wait_for(lambda: any(
             e["kind"] == "replaced_file_moved_aside" for e in _events(control_room, "storage_repaired")), 20)
         note = next(e for e in _events(control_room, "storage_repaired") if e["kind"] == "replaced_file_moved_aside")
@@ -573,7 +554,9 @@ def test_a_stop_during_a_storage_fault_ends_within_the_drain_budget_and_names_ev
     def stop_soon() -> None:
         # Opening the locked stores takes a few busy timeouts: wait until run() listens for SIGTERM.
         assert wait_until(lambda: signal.getsignal(signal.SIGTERM) is not before, 60)
-        time.sleep(3.0)  # parts are decided (and held in memory) meanwhile
+        # Not a wait for a condition: the station runs 3 s with both stores locked, deciding parts it can only
+        # hold in memory (no handle on them from here); the test then checks that the stop names every one.
+        time.sleep(3.0)
         stopped_at.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGTERM)  # what systemd sends
 
@@ -602,7 +585,7 @@ def test_a_store_file_renamed_over_is_rebuilt_from_the_open_file_and_the_other_i
         tmp_path: Path, bundle_dir: Path):
     from appliance.runtime import build_pipeline
 
-    settings = station_settings(tmp_path, bundle_dir, 1883, mqtt={"enabled": False})
+    settings = station_settings(tmp_path, bundle_dir)  # MQTT off
     db = settings.storage.data_dir / "results.sqlite3"
     pipeline, results = build_pipeline(settings)
     other = tmp_path / "other.sqlite3"

@@ -8,11 +8,9 @@ results log on disk.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mqtt_helpers import Subscriber, station_settings
 
 from appliance.reporting.mqtt_link import MqttLink
 from appliance.reporting.mqtt_reporter import MqttReporter
@@ -21,9 +19,11 @@ from appliance.reporting.results_log import ResultsLog
 from appliance.runtime import run
 from appliance.station.pipeline import Pipeline
 from appliance.threads import EXIT_THREAD_FAILED
-from tools.broker import MOSQUITTO_HINT, MosquittoBroker, find_mosquitto
+from tests.support.mqtt import Subscriber, needs_mosquitto
+from tests.support.settings import station_settings
+from tools.broker import MosquittoBroker
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")
+pytestmark = needs_mosquitto
 
 # thread name -> (class, method whose body is that thread's loop)
 THREADS = {
@@ -36,13 +36,6 @@ THREADS = {
     "writer-results_log": (StoreWriter, "_run"),
     "writer-outbox": (StoreWriter, "_run"),
 }
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    b = MosquittoBroker(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 @pytest.mark.parametrize("thread", sorted(THREADS))

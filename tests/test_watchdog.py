@@ -28,6 +28,7 @@ from appliance.station.watchdog import Watchdog, notify, watchdog_interval_s
 from bundle.decision import Mode
 from bundle.format import load_bundle
 from bundle.onnx_runtime import OnnxRuntimeBackend
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,12 +51,8 @@ class NotifySocket:
         return self.messages
 
     def wait_for(self, predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.drain(0.1)
-            if predicate(self.messages):
-                return True
-        return False
+        """Collect messages until `predicate(messages)` holds (True) or `timeout` seconds passed (False)."""
+        return wait_until(lambda: predicate(self.drain(0.1)), timeout, interval=0)
 
     def close(self) -> None:
         self.sock.close()
@@ -94,8 +91,10 @@ def test_watchdog_pings_while_healthy_and_stops_naming_the_problem(systemd: Noti
         problem[0] = "inference has been running for 31 s (tensorrt)"
         assert systemd.wait_for(lambda ms: any(m.startswith("STATUS=unhealthy") for m in ms), 5)
         before = len(systemd.drain(0.1))
-        time.sleep(0.3)
-        after = systemd.drain(0.1)
+        # The negative ("no ping") is proved by the watchdog's own ticks: three more that each withheld a ping.
+        withheld = dog.withheld
+        assert wait_until(lambda: dog.withheld >= withheld + 3, 5), dog.withheld
+        after = systemd.drain(0.1)  # a datagram is in the socket once sent: nothing is left on the way
         assert "WATCHDOG=1" not in after[before:]  # no pings while stuck: systemd will restart us
         assert sum(m.startswith("STATUS=unhealthy") for m in after) == 1  # named once, not every tick
         assert dog.withheld >= 3
@@ -135,9 +134,8 @@ def _pipeline(bundle_dir: Path, results: ResultsLog, source, backend, name: str)
 
 
 def _wait_for_stall(pipeline: Pipeline, stall_s: float) -> str | None:
-    deadline = time.monotonic() + 10
-    while pipeline.stall_reason(stall_s) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """The pipeline's stall reason as soon as it has one (None if none within 10 s)."""
+    wait_until(lambda: pipeline.stall_reason(stall_s) is not None, 10)
     return pipeline.stall_reason(stall_s)
 
 

@@ -3,7 +3,8 @@
 Not part of the station: a station talks to the plant's broker (see provisioning/mosquitto/). This starts
 `mosquitto -c <generated conf>` from the Debian package, waits until the port accepts, and can stop and
 restart it on the same port to inject an outage. Optional password file, ACL file, TLS listener and
-persistence, so the same helper covers the authentication and TLS tests.
+persistence, so the same helper covers the authentication and TLS tests (their throw-away certificates and
+password files are made by tests/support/pki.py).
 """
 
 from __future__ import annotations
@@ -224,39 +225,3 @@ class MosquittoBroker:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def write_password_file(path: Path, users: dict[str, str]) -> Path:
-    """A Mosquitto password file made by mosquitto_passwd (hashed, as the broker expects)."""
-    tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    path.unlink(missing_ok=True)
-    for i, (user, password) in enumerate(users.items()):
-        args = [tool, "-b"] + (["-c"] if i == 0 else []) + [str(path), user, password]
-        subprocess.run(args, check=True, capture_output=True)
-    path.chmod(0o600)
-    return path
-
-
-def make_test_pki(folder: Path, days: int = 2) -> dict[str, Path]:
-    """A throw-away CA, a server certificate for 127.0.0.1/localhost and a client certificate (openssl CLI).
-
-    For tests and demos only: a plant's certificates come from its own PKI (provisioning/README.md).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", str(days),
-        "-subj", "/CN=test-ca")
-    exts = {"server": "subjectAltName=IP:127.0.0.1,DNS:localhost", "client": "extendedKeyUsage=clientAuth"}
-    for name, ext in exts.items():
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
-        (folder / f"{name}.ext").write_text(ext + "\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", str(days), "-extfile", f"{name}.ext")
-    # A second CA the server does not use: a station trusting only it must fail the handshake.
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other-ca.key", "-out", "other-ca.crt",
-        "-days", str(days), "-subj", "/CN=other-ca")
-    return {name: folder / name for name in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key",
-                                             "other-ca.crt")}

@@ -1,4 +1,9 @@
-"""Train -> export -> bundle, end to end on synthetic parts, with the real PyTorch, ONNX and ONNX Runtime."""
+"""Training and export: a training run's outputs (checkpoints, split, report, resume), and the model bundle made
+from it (ONNX FP32 matching PyTorch, INT8 QDQ and its calibration, per-precision operating points, hashes,
+refusal of modified or incompatible bundles), on synthetic parts with the real PyTorch, ONNX and ONNX Runtime.
+
+Not the station's inspection pipeline: that is tests/test_runtime.py.
+"""
 
 from __future__ import annotations
 

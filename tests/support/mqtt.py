@@ -1,31 +1,37 @@
-"""Helpers for the MQTT tests: a control-room subscriber (real paho client) and a station in this process.
+"""MQTT test support: a control room (real paho client), the operator's `mosquitto_pub`, a station in this
+process, and loopback ports without a race.
 
-Imported by the test modules (pytest puts tests/ on sys.path); not a test module itself.
+The broker is tools.broker.MosquittoBroker (the demo and the bench start one too); the `broker` and
+`control_room` fixtures in tests/conftest.py give a test its own.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.reporting.payloads import EventPayload
 from appliance.runtime import Station, build_station
 from appliance.settings import StationSettings
-from synthetic.parts import render_part
+from tests.support.settings import LINE, SITE
+from tests.support.waiting import wait_until
+from tools.broker import MOSQUITTO_HINT, MosquittoBroker, _PortTaken, find_mosquitto, free_port
 
-SITE, LINE = "plant-a", "line-3"
+needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason=f"mosquitto not installed: {MOSQUITTO_HINT}")
 
 
 @dataclass
@@ -80,7 +86,7 @@ class Subscriber:
         with self._lock:
             return [m for m in self.messages if m.kind == kind and (station is None or f"/{station}/" in m.topic)]
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 20.0) -> bool:
         return wait_until(predicate, timeout)
 
     def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> None:
@@ -109,26 +115,7 @@ def mosquitto_pub(port: int, topic: str, *args: str) -> None:
                    capture_output=True, timeout=10)
 
 
-def write_frames(folder: Path, n: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        cv2.imwrite(str(folder / f"part_{i:03d}.png"), render_part(700 + i, "crack" if i % 2 else None, 96, True))
-    return folder
-
-
-def station_settings(tmp_path: Path, bundle_dir: Path, port: int, station_id: str = "st-mqtt", **sections: Any
-                     ) -> StationSettings:
-    values: dict[str, Any] = {
-        "station": {"id": station_id, "site": SITE, "line": LINE}, "model": {"bundle": str(bundle_dir)},
-        "camera": {"source": "synthetic", "loop": True}, "trigger": {"mode": "triggered"},
-        "inference": {"backend": "onnxruntime", "threads": 1},
-        "storage": {"data_dir": str(tmp_path / f"var-{station_id}")},
-        "mqtt": {"enabled": True, "port": port, "keepalive_s": 5, "heartbeat_s": 0.5, "reconnect_max_s": 0.5,
-                 "drain_timeout_s": 10},
-    }
-    for key, value in sections.items():
-        values.setdefault(key, {}).update(value)
-    return StationSettings(**values)
+# --- a station in this process ------------------------------------------------------------------------------------
 
 
 def start_station(settings: StationSettings, connect: bool = True) -> Station:
@@ -143,6 +130,15 @@ def start_station(settings: StationSettings, connect: bool = True) -> Station:
     return station
 
 
+def trigger_parts(station: Station, part_ids: Iterable[str], pause: float = 0.0) -> None:
+    """Trigger one part per id, in order. `pause` spaces them out in time as a line would deliver them
+    (a fault then lasts across several parts); it is pacing, never a wait for the station."""
+    for part_id in part_ids:
+        station.pipeline.trigger(part_id)
+        if pause:
+            time.sleep(pause)
+
+
 def stop_station(station: Station, drain_s: float = 10.0) -> bool:
     station.pipeline.stop()
     assert station.pipeline.join(30), "pipeline did not stop"
@@ -151,10 +147,41 @@ def stop_station(station: Station, drain_s: float = 10.0) -> bool:
     return drained
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+# --- ports without a race -----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses every TCP connection while the block runs: bound here, never listening.
+
+    Not free_port(): its probe socket is closed when it returns, so another process (a broker of another test)
+    could listen there before the test connects. A port held bound cannot be taken meanwhile.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
+
+
+@contextmanager
+def broker_with_config(folder: Path, config_for: Callable[[int], str], attempts: int = 5
+                       ) -> Iterator[MosquittoBroker]:
+    """A MosquittoBroker running a complete configuration of the test's own, which must name its port.
+
+    MosquittoBroker moves to a fresh port by itself only for the configuration it generates; here the port is
+    chosen, the configuration made for it, and both made again if another process takes the port before
+    mosquitto binds it.
+    """
+    for attempt in range(attempts):
+        port = free_port()
+        broker = MosquittoBroker(folder, port=port, config=config_for(port))
+        try:
+            broker.start()
+        except _PortTaken:
+            if attempt == attempts - 1:
+                raise
+            continue
+        try:
+            yield broker
+        finally:
+            broker.stop()
+        return

@@ -97,11 +97,11 @@ def test_doctor_does_not_knock_the_running_station_off_the_broker(tmp_path: Path
     with MosquittoBroker(tmp_path / "broker") as broker:
         station = start_station(station_settings(tmp_path, bundle_dir, broker.port, station_id="st-doc"))
         try:
-            before = station.mqtt.link.state().connections
+            before = station.link.state().connections
             check = _by_name(Doctor(station_settings(tmp_path, bundle_dir, broker.port, station_id="st-doc",
                                                      source=write_frames(tmp_path / "frames", 2))).checks())["broker"]
             assert check.outcome == "PASS"
-            assert station.mqtt.link.state().connected and station.mqtt.link.state().connections == before
+            assert station.link.state().connected and station.link.state().connections == before
         finally:
             stop_station(station)
 

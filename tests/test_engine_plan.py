@@ -282,18 +282,15 @@ def test_nan_outputs_and_wrong_shapes_fail():
 
 
 def test_station_picks_the_engine_that_fits_this_device_and_skips_failed_ones(tmp_path: Path, bundle_dir: Path):
-    from appliance.runtime import find_engine
-    from appliance.settings import StationSettings
+    from appliance.inference.tensorrt import find_engine
     from bundle.errors import GpuUnavailableError
     from engines.manifest import DeviceInfo
 
     bundle = load_bundle(bundle_dir)
-    store = tmp_path / "store"
+    store = tmp_path / "store"  # model.engine_dir
     store.mkdir()
-    settings = StationSettings(model={"bundle": str(bundle_dir), "engine_dir": str(store)},
-                               inference={"precision": "fp16"}, mqtt={"enabled": False})
     with pytest.raises(GpuUnavailableError, match=r"(?s)no fp16 engine .* make engine BUNDLE=") as info:
-        find_engine(settings, bundle)
+        find_engine(store, bundle, "fp16")
     assert "hint" in str(info.value)
     old = _install(store, _key(bundle_model_id=bundle.model_id, tensorrt_version="10.3.0"),
                    built_utc="2026-01-01T00:00:00+00:00")
@@ -303,8 +300,8 @@ def test_station_picks_the_engine_that_fits_this_device_and_skips_failed_ones(tm
              built_utc="2026-09-01T00:00:00+00:00", validation={"passed": False})
     _install(store, _key(bundle_model_id="other@000000000000", tensorrt_version="10.3.0"))
     orin = DeviceInfo(tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7")
-    assert find_engine(settings, bundle, orin) == old  # the one this device can run
-    assert find_engine(settings, bundle) == new_other_gpu  # no device known: the newest valid one
+    assert find_engine(store, bundle, "fp16", orin) == old  # the one this device can run
+    assert find_engine(store, bundle, "fp16") == new_other_gpu  # no device known: the newest valid one
 
 
 def test_build_without_tensorrt_is_a_clear_error_with_exit_7(bundle_dir: Path, tmp_path: Path):

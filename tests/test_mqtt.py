@@ -106,7 +106,7 @@ def test_broker_down_for_10_s_mid_run_loses_nothing(tmp_path: Path, bundle_dir: 
         broker.stop()
         t0 = time.monotonic()
         trigger_parts(station, [f"B-{i}" for i in range(8)], pause=0.2)  # inspected while the broker is down
-        assert wait_until(lambda: station.mqtt.link.state().connected is False, 10)
+        assert wait_until(lambda: station.link.state().connected is False, 10)
         # Not a wait for the station: the outage under test lasts 10 s (the station retries meanwhile).
         time.sleep(max(0.0, 10.0 - (time.monotonic() - t0)))
         assert wait_until(lambda: station.outbox.depth() >= 8, 10)  # results (and heartbeats) held on disk
@@ -211,10 +211,10 @@ def test_retained_status_and_birth_come_back_after_a_broker_restart(
         tmp_path: Path, bundle_dir: Path, broker: MosquittoBroker):
     station = start_station(station_settings(tmp_path, bundle_dir, broker.port))
     try:
-        assert station.mqtt.link.wait_connected(10)
-        connections = station.mqtt.link.state().connections
+        assert station.link.wait_connected(10)
+        connections = station.link.state().connections
         broker.restart()  # no persistence: the broker forgot every retained message
-        assert wait_until(lambda: station.mqtt.link.state().connections > connections, 20)
+        assert wait_until(lambda: station.link.state().connections > connections, 20)
         late = Subscriber(broker.port, client_id="late-dashboard")
         try:
             assert late.wait_for(lambda: late.of("status") and late.of("birth"), 10)
@@ -345,13 +345,13 @@ def test_wrong_password_is_a_clear_error_and_the_station_keeps_inspecting(
     station = start_station(station_settings(tmp_path, bundle_dir, secured_broker.port, station_id="st-auth",
                                              mqtt={"username": "st-auth", "password": "wrong"}), connect=False)
     try:
-        assert wait_until(lambda: station.mqtt.link.state().last_error is not None, 10)
-        error = station.mqtt.link.state().last_error
+        assert wait_until(lambda: station.link.state().last_error is not None, 10)
+        error = station.link.state().last_error
         assert "refused the station's login as 'st-auth'" in error and "mqtt.password" in error
         trigger_parts(station, ["W-1", "W-2"])
         assert wait_until(lambda: len(list(station.results.inspections())) == 2, 20)
         assert wait_until(lambda: station.outbox.depth() >= 2, 5)  # spooled, waiting for a working login
-        assert not station.mqtt.link.state().connected
+        assert not station.link.state().connected
     finally:
         stop_station(station, drain_s=0)
 
@@ -366,7 +366,7 @@ def test_acl_lets_a_station_write_only_its_own_prefix_and_dashboards_only_read(
     impostor = start_station(station_settings(tmp_path, bundle_dir, secured_broker.port, station_id="st-spoof",
                                               mqtt={"username": "st-other", "password": "other"}))
     try:
-        assert station.mqtt.link.wait_connected(10) and impostor.mqtt.link.wait_connected(10)
+        assert station.link.wait_connected(10) and impostor.link.wait_connected(10)
         trigger_parts(station, ["OK-1"])
         assert dashboard.wait_for(lambda: dashboard.of("result", "st-auth"), 10)
         # The dashboard may read but not command: the broker drops its publish, the mode stays.
@@ -384,9 +384,9 @@ def test_acl_lets_a_station_write_only_its_own_prefix_and_dashboards_only_read(
         controller.close()
         # The impostor's messages are refused by the broker (MQTT 5 PUBACK "Not authorized"), kept, and named.
         trigger_parts(impostor, ["X-1"])
-        assert wait_until(lambda: impostor.mqtt.link.state().held >= 1, 10)
-        assert "Not authorized" in impostor.mqtt.link.state().last_error
-        assert "ACL" in impostor.mqtt.link.state().last_error
+        assert wait_until(lambda: impostor.link.state().held >= 1, 10)
+        assert "Not authorized" in impostor.link.state().last_error
+        assert "ACL" in impostor.link.state().last_error
         assert not dashboard.of("result", "st-spoof")
         assert impostor.outbox.depth() >= 1  # not lost: retried on the next connection
     finally:
@@ -408,8 +408,8 @@ def test_tls_with_a_trusted_ca_and_a_client_certificate_delivers_results(
             "enabled": True, "ca_file": str(pki["ca.crt"]), "cert_file": str(pki["client.crt"]),
             "key_file": str(pki["client.key"])}}))
         try:
-            assert station.mqtt.link.wait_connected(10), station.mqtt.link.state()
-            assert station.mqtt.link.state().broker.startswith("mqtts://")
+            assert station.link.wait_connected(10), station.link.state()
+            assert station.link.state().broker.startswith("mqtts://")
             trigger_parts(station, ["T-1"])
             assert wait_until(lambda: station.outbox.depth() == 0 and len(list(station.results.inspections())) == 1, 10)
         finally:
@@ -423,8 +423,8 @@ def test_tls_with_an_untrusted_server_certificate_is_a_clear_error(
         station = start_station(station_settings(tmp_path, bundle_dir, broker.port, mqtt={"tls": {
             "enabled": True, "ca_file": str(pki["other-ca.crt"])}}), connect=False)
         try:
-            assert wait_until(lambda: station.mqtt.link.state().last_error is not None, 10)
-            error = station.mqtt.link.state().last_error
+            assert wait_until(lambda: station.link.state().last_error is not None, 10)
+            error = station.link.state().last_error
             assert "not trusted by mqtt.tls.ca_file" in error and "other-ca.crt" in error
             trigger_parts(station, ["T-2"])
             assert wait_until(lambda: len(list(station.results.inspections())) == 1, 20)  # still inspecting
@@ -446,8 +446,8 @@ def test_plain_listener_refusing_tcp_is_reported_with_host_and_port(tmp_path: Pa
     port = refused_port
     station = start_station(station_settings(tmp_path, bundle_dir, port), connect=False)
     try:
-        assert wait_until(lambda: station.mqtt.link.state().last_error is not None, 10)
-        assert f"mqtt://127.0.0.1:{port} refused the TCP connection" in station.mqtt.link.state().last_error
+        assert wait_until(lambda: station.link.state().last_error is not None, 10)
+        assert f"mqtt://127.0.0.1:{port} refused the TCP connection" in station.link.state().last_error
     finally:
         stop_station(station, drain_s=0)
 
@@ -495,10 +495,10 @@ def test_a_live_camera_that_goes_away_and_comes_back_is_reported(
     camera = FlakyCamera(clip, fps=60.0, script=["play", "fail", "fail", "fail", "play"])
     settings = station_settings(tmp_path, bundle_dir, broker.port, trigger={"mode": "continuous"})
     station = build_station(settings, source=live_camera(camera))
-    station.mqtt.start()
-    assert station.mqtt.link.wait_connected(10)
+    station.start_reporting()
+    assert station.link.wait_connected(10)
     station.pipeline.start()
-    station.mqtt.pipeline_started()
+    station.backend_started()
     try:
         def kinds() -> list[str]:
             return [m.payload["kind"] for m in control_room.of("event") if m.payload["kind"].startswith("camera_")]
@@ -524,10 +524,10 @@ def test_a_backend_failure_and_its_recovery_each_send_a_birth_naming_the_backend
     shutil.copy2(onnx, hidden)
     try:
         onnx.write_bytes(b"not an onnx model")
-        station.mqtt.start()
-        assert station.mqtt.link.wait_connected(10)
+        station.start_reporting()
+        assert station.link.wait_connected(10)
         station.pipeline.start()
-        station.mqtt.pipeline_started()
+        station.backend_started()
         # Then the control room hears backend_failed and a birth that names no backend.
         assert control_room.wait_for(lambda: "backend_failed" in _event_kinds(control_room), 10)
         failed = next(m.payload for m in control_room.of("event") if m.payload["kind"] == "backend_failed")

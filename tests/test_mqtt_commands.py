@@ -95,7 +95,7 @@ def test_an_89_kB_trigger_with_9000_unknown_fields_is_one_small_rejection_and_no
     sub = Subscriber(small_packet_broker.port)
     station = start_station(station_settings(tmp_path, bundle_dir, small_packet_broker.port))
     try:
-        assert station.mqtt.link.state().connections == 1
+        assert station.link.state().connections == 1
         fields = {f"f{i:04d}": 1 for i in range(9000)}
         payload = json.dumps({"part_id": "SN-BIG", **fields}, separators=(",", ":"))
         assert 85_000 < len(payload) < MAX_PACKET - 200
@@ -108,7 +108,7 @@ def test_an_89_kB_trigger_with_9000_unknown_fields_is_one_small_rejection_and_no
         assert sub.wait_for(lambda: len(_results(sub)) == 50, 60), f"{len(_results(sub))} of 50 results"
         assert sorted(_results(sub)) == part_ids
         # ... and the big one was answered by exactly one small rejection, and inspected nothing
-        assert station.mqtt.flush(10)
+        assert station.sinks.flush(10)
         rejected = [m for m in sub.of("event", STATION) if m.payload["kind"] == "command_rejected"]
         assert len(rejected) == 1
         assert rejected[0].size < 1000
@@ -117,7 +117,7 @@ def test_an_89_kB_trigger_with_9000_unknown_fields_is_one_small_rejection_and_no
         assert f"{len(payload)} bytes is over the limit of 4096 bytes (mqtt.max_command_bytes)" in detail["reason"]
         assert "SN-BIG" not in _results(sub)
         # ... on one connection all along: no reconnect loop
-        state = station.mqtt.link.state()
+        state = station.link.state()
         assert state.connected and state.connections == 1 and state.failed_attempts == 0, state
         assert _statuses(sub) == ["online"]
         assert state.max_packet_size == MAX_PACKET
@@ -139,7 +139,7 @@ def test_9000_unknown_fields_under_a_raised_size_limit_are_named_once_and_counte
         # When it arrives, followed by an anchor trigger
         sub.publish(CMD + "trigger", payload)
         _trigger_and_wait(sub, "ANCHOR-1", "anchor-1")
-        assert station.mqtt.flush(10)
+        assert station.sinks.flush(10)
         # Then one rejection names the first unknown field and counts the other 8999 problems, in under 1 kB
         assert sub.wait_for(lambda: len(rejections(sub, STATION)) == 1, 10)
         rejected = [m for m in sub.of("event", STATION) if m.payload["kind"] == "command_rejected"]
@@ -148,7 +148,7 @@ def test_9000_unknown_fields_under_a_raised_size_limit_are_named_once_and_counte
         assert detail["field"] == "f0000" and detail["reason"].startswith("unknown field")
         assert re.search(r"and 899\d more problems$", detail["reason"]), detail["reason"]
         assert _results(sub) == ["ANCHOR-1"]
-        assert station.mqtt.link.state().connections == 1
+        assert station.link.state().connections == 1
     finally:
         stop_station(station)
         sub.close()
@@ -197,7 +197,7 @@ def test_a_2_MB_field_name_makes_neither_a_large_event_nor_a_large_results_log_r
         sub.publish(CMD + "trigger", two_mb)
         sub.publish(CMD + "trigger", one_mb)
         _trigger_and_wait(sub, "ANCHOR-2MB", "anchor-2mb")
-        assert station.mqtt.flush(10)
+        assert station.sinks.flush(10)
         assert sub.wait_for(lambda: len(rejections(sub, STATION)) == 2, 10)
         # Then two small events, the second naming the field cut to a few dozen characters
         rejected = [m for m in sub.of("event", STATION) if m.payload["kind"] == "command_rejected"]
@@ -272,9 +272,9 @@ def test_an_event_over_the_brokers_maximum_packet_size_goes_to_dead_letters_and_
     data_dir = tmp_path / f"var-{STATION}"
     try:
         # Given the broker announced its limit in the CONNACK
-        assert station.mqtt.link.state().max_packet_size == MAX_PACKET
+        assert station.link.state().max_packet_size == MAX_PACKET
         # When the station emits an event of 200 kB, then inspects 10 parts
-        station.mqtt.event("test_big", {"blob": "x" * 200_000})
+        station.sinks.event("test_big", {"blob": "x" * 200_000})
         part_ids = [f"DL-{i}" for i in range(10)]
         for part_id in part_ids:
             station.pipeline.trigger(part_id)
@@ -284,7 +284,7 @@ def test_an_event_over_the_brokers_maximum_packet_size_goes_to_dead_letters_and_
         seqs = [m.payload["seq"] for m in sub.of("result", STATION)]
         assert seqs == sorted(seqs)
         # ... the big event was never sent: it sits in dead_letters with the size and the limit
-        assert wait_until(lambda: station.mqtt.link.state().dead_letters == 1, 10)
+        assert wait_until(lambda: station.link.state().dead_letters == 1, 10)
         (kind, reason, size), = _dead_letters(data_dir)
         assert kind == "event" and size > 200_000
         match = re.fullmatch(rf"(\d+) bytes, over the broker's Maximum Packet Size {MAX_PACKET}", reason)
@@ -298,7 +298,7 @@ def test_an_event_over_the_brokers_maximum_packet_size_goes_to_dead_letters_and_
         assert sub.wait_for(counted, 10)
         beat = sub.of("health", STATION)[-1].payload
         assert beat["mqtt"]["max_packet_size"] == MAX_PACKET and beat["mqtt"]["connections"] == 1
-        state = station.mqtt.link.state()
+        state = station.link.state()
         assert state.connected and state.connections == 1 and state.failed_attempts == 0, state
         assert "dead_letters" in (state.last_error or "") and str(MAX_PACKET) in state.last_error
         assert _statuses(sub) == ["online"]
@@ -318,14 +318,14 @@ def test_an_oversized_message_on_the_direct_path_is_dropped_not_sent(
     try:
         big = EventPayload(station=STATION, kind="test_big", detail={"blob": "x" * 200_000}).model_dump_json()
         small = EventPayload(station=STATION, kind="test_small", detail={}).model_dump_json()
-        station.mqtt.link.publish_direct(prefix(STATION) + "/event", big)
-        station.mqtt.link.publish_direct(prefix(STATION) + "/event", small)
+        station.link.publish_direct(prefix(STATION) + "/event", big)
+        station.link.publish_direct(prefix(STATION) + "/event", small)
         for part_id in ("DIRECT-1", "DIRECT-2"):
             station.pipeline.trigger(part_id)
         assert sub.wait_for(lambda: len(_results(sub)) == 2, 20)
         assert sub.wait_for(lambda: any(m.payload["kind"] == "test_small" for m in sub.of("event", STATION)), 10)
         assert not any(m.payload["kind"] == "test_big" for m in sub.of("event", STATION))
-        state = station.mqtt.link.state()
+        state = station.link.state()
         assert state.connections == 1 and state.failed_attempts == 0, state
         assert "Maximum Packet Size" in (state.last_error or "")
         assert _statuses(sub) == ["online"]
@@ -366,9 +366,9 @@ def test_retained_commands_published_live_with_mosquitto_pub_are_refused(
         assert len(sub.of("birth", STATION)) == births
 
         # When the station reconnects (broker restart) and gets the retained commands on subscribing
-        connections = station.mqtt.link.state().connections
+        connections = station.link.state().connections
         broker.restart()
-        assert wait_until(lambda: station.mqtt.link.state().connections == connections + 1, 20)
+        assert wait_until(lambda: station.link.state().connections == connections + 1, 20)
         assert sub.wait_for(sub.connected.is_set, 10)
         assert sub.wait_for(lambda: len(rejections(sub, STATION)) == 6, 20), \
             [e.detail for e in rejections(sub, STATION)]
@@ -550,7 +550,7 @@ def test_continuous_part_ids_are_unique_across_restarts_and_carry_the_run_number
     part_ids: list[str] = []
     for _ in range(2):  # two starts of the station on the same storage.data_dir
         station = build_station(settings)
-        assert station.mqtt is None
+        assert station.link is None
         station.pipeline.start()
         assert station.pipeline.join(60), "pipeline did not finish"
         part_ids += [r.part_id for r in station.results.inspections()][len(part_ids):]
@@ -575,21 +575,21 @@ def test_a_message_the_broker_refuses_three_times_goes_to_dead_letters_and_the_r
     data_dir = settings.storage.data_dir
     try:
         station.pipeline.trigger("REFUSED-1")
-        assert wait_until(lambda: station.mqtt.link.state().held >= 1, 10)
+        assert wait_until(lambda: station.link.state().held >= 1, 10)
         # When the station reconnects twice more (each connection retries what was refused on the last one)
         for _ in range(2):
-            connections = station.mqtt.link.state().connections
+            connections = station.link.state().connections
             broker.restart()
-            assert wait_until(lambda n=connections: station.mqtt.link.state().connections > n, 20)
+            assert wait_until(lambda n=connections: station.link.state().connections > n, 20)
         # Then after the third refusal the result (and what else was refused since the first connection) is moved
         # aside with the reason; messages made later are still being retried, never more than three times
         assert wait_until(lambda: "result" in {kind for kind, _, _ in _dead_letters(data_dir)}, 20), (
-            station.mqtt.link.state(), station.outbox.depth())
+            station.link.state(), station.outbox.depth())
         # the link counts a move just after the row is written: wait for the two to agree
-        assert wait_until(lambda: station.mqtt.link.state().dead_letters == len(_dead_letters(data_dir)), 5)
+        assert wait_until(lambda: station.link.state().dead_letters == len(_dead_letters(data_dir)), 5)
         rows = _dead_letters(data_dir)
         assert all(reason.startswith("refused 3 times: Not authorized") for _, reason, _ in rows), rows
-        assert station.mqtt.link.state().connected
+        assert station.link.state().connected
     finally:
         stop_station(station, drain_s=0)
         broker.stop()

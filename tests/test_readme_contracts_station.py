@@ -94,7 +94,7 @@ def test_reconnect_attempts_back_off_from_1_s_doubling_to_reconnect_max_s_and_lo
     station = start_station(settings, connect=False)
     changes: list[tuple[int, float]] = []  # (failed_attempts, when it was first seen)
     try:
-        link = station.mqtt.link
+        link = station.link
 
         def note_change() -> bool:
             failed = link.state().failed_attempts

@@ -17,7 +17,8 @@ import pytest
 from appliance.camera import open_source
 from appliance.inference.supervisor import BackendSupervisor
 from appliance.reporting.results_log import ResultsLog
-from appliance.runtime import LogReporter, build_pipeline, operating_point, operating_points
+from appliance.reporting.results_sink import ResultsLogSink
+from appliance.runtime import build_pipeline, operating_point, operating_points
 from appliance.settings import CameraSection
 from appliance.station.pipeline import Pipeline, PipelineConfig
 from bundle.decision import Mode, OperatingPoint
@@ -116,7 +117,7 @@ def _pipeline_with(tmp_path: Path, bundle_dir: Path, n: int, primary_factory, fa
                                  retry_max_s=max(retry_s, 0.001))
 
     return Pipeline(config, open_source(CameraSection(source=str(tmp_path / "frames"))), sup,
-                    LogReporter(results, echo=False))
+                    ResultsLogSink(results, echo=False))
 
 
 def test_gpu_lost_mid_run_goes_to_manual_within_one_part_and_comes_back(tmp_path: Path, bundle_dir: Path):
@@ -289,7 +290,7 @@ def test_a_part_is_judged_at_the_operating_point_of_the_backend_that_scored_it(t
                                  retry_initial_s=3600, retry_max_s=3600)
 
     results = ResultsLog(tmp_path / "r.sqlite3")
-    _run(Pipeline(config, open_source(CameraSection(source=str(folder))), sup, LogReporter(results, echo=False)))
+    _run(Pipeline(config, open_source(CameraSection(source=str(folder))), sup, ResultsLogSink(results, echo=False)))
     records = list(results.inspections())
     assert [(r.backend, r.verdict) for r in records[:2]] == [("tensorrt", "fail")] * 2
     after = [r for r in records[2:] if r.backend == "onnxruntime"]
@@ -378,16 +379,16 @@ def test_mode_command_during_gpu_fallback_takes_effect_when_the_gpu_is_back(tmp_
     results = ResultsLog(tmp_path / "r.sqlite3")
     pipeline = _pipeline_with(tmp_path, bundle_dir, 14, primary, None, results)
 
-    class CommandDuringFallback(LogReporter):
+    class CommandDuringFallback(ResultsLogSink):
         sent = False
 
         def inspection(self, record):
             super().inspection(record)
             if record.mode == "manual_fallback" and not self.sent:
                 self.sent = True  # the control room switches to shadow while the GPU is away
-                pipeline.set_mode(Mode.SHADOW)
+                pipeline.modes.set_mode(Mode.SHADOW)
 
-    pipeline.reporter = CommandDuringFallback(results, echo=False)
+    pipeline.sink = CommandDuringFallback(results, echo=False)
     _run(pipeline)
     records = list(results.inspections())
     assert len(records) == 14 and records[0].mode == "manual_fallback"

@@ -247,8 +247,8 @@ def test_a_full_disk_loses_no_part_keeps_the_link_alive_and_heartbeats_going(
         assert control_room.wait_for(lambda: set(_parts_received(control_room)) == set(expected), 30), (
             sorted(set(expected) - set(_parts_received(control_room))))
         assert wait_until(lambda: station.outbox.depth() == 0, 20)
-        assert station.mqtt.link.failure is None and station.mqtt.failure is None
-        assert station.mqtt.link.state().connected
+        assert station.link.failure is None and station.failures.failure is None
+        assert station.link.state().connected
         assert control_room.wait_for(lambda: control_room.of("health")[-1].payload["storage"]["ok"], 10)
         heartbeats = [m.payload for m in control_room.of("health")]
         assert not any("cannot rollback" in (h["last_error"] or "") for h in heartbeats)
@@ -487,7 +487,7 @@ def test_a_store_overwritten_in_place_by_another_database_is_moved_aside_and_rec
         assert note["store"] == "results_log" and Path(note["moved_to"]).exists()
         assert wait_until(lambda: _logged_parts(db) == ["K-2", "K-3"], 10)  # K-0, K-1 went with the overwrite
         assert control_room.wait_for(lambda: set(_parts_received(control_room)) >= {"K-0", "K-1", "K-2", "K-3"})
-        assert wait_until(lambda: station.local.storage_status()["ok"], 10)
+        assert wait_until(lambda: station.storage.status()["ok"], 10)
     finally:
         stop_station(station)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.reporting.heartbeat import HeartbeatMonitor
 from appliance.reporting.mqtt_link import MqttLink
-from appliance.reporting.mqtt_reporter import MqttReporter
 from appliance.reporting.recorder import StoreWriter
 from appliance.reporting.results_log import ResultsLog
 from appliance.runtime import run
@@ -32,7 +32,7 @@ THREADS = {
     "stage-infer": (Pipeline, "_infer_loop"),
     "stage-decide": (Pipeline, "_decide_loop"),
     "mqtt-link": (MqttLink, "_run"),
-    "mqtt-monitor": (MqttReporter, "_monitor_loop"),
+    "mqtt-monitor": (HeartbeatMonitor, "_run"),
     "writer-results_log": (StoreWriter, "_run"),
     "writer-outbox": (StoreWriter, "_run"),
 }

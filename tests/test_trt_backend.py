@@ -174,7 +174,8 @@ def test_the_station_setting_reaches_the_backend(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr("engines.runner.TensorRTBackend", Recorder)
     monkeypatch.setattr("engines.tensorrt.device_info", lambda: ORIN)
-    monkeypatch.setattr(runtime, "find_engine", lambda settings, bundle, device: tmp_path / "model.engine")
+    monkeypatch.setattr("appliance.inference.tensorrt.find_engine",
+                        lambda folder, bundle, precision, device: tmp_path / "model.engine")
     settings = StationSettings(inference={"backend": "tensorrt", "allow_other_gpu_model": True},
                                mqtt={"enabled": False})
     events: list[str] = []

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from appliance.inference.supervisor import BackendSupervisor
-from appliance.reporting.mqtt_reporter import LogReporter
 from appliance.reporting.results_log import ResultsLog
+from appliance.reporting.results_sink import ResultsLogSink
 from appliance.runtime import operating_point
 from appliance.settings import CameraSection, StationSettings
 from appliance.station.pipeline import Pipeline, PipelineConfig
@@ -130,7 +130,7 @@ def _pipeline(bundle_dir: Path, results: ResultsLog, source, backend, name: str)
     config = PipelineConfig(station_id="st-dog", spec=bundle.metadata.preprocess,
                             operating_point=operating_point(settings, bundle), mode=Mode.PRODUCTION)
     return Pipeline(config, source, lambda ev: BackendSupervisor(lambda: backend, name, None, ev),
-                    LogReporter(results, echo=False))
+                    ResultsLogSink(results, echo=False))
 
 
 def _wait_for_stall(pipeline: Pipeline, stall_s: float) -> str | None:

@@ -121,12 +121,12 @@ def mosquitto_pub(port: int, topic: str, *args: str) -> None:
 def start_station(settings: StationSettings, connect: bool = True) -> Station:
     """As `appliance run` does; `connect`: wait until the broker accepted the station before inspecting."""
     station = build_station(settings)
-    assert station.mqtt is not None
-    station.mqtt.start()
+    assert station.link is not None
+    station.start_reporting()
     if connect:
-        assert station.mqtt.link.wait_connected(10), station.mqtt.link.state()
+        assert station.link.wait_connected(10), station.link.state()
     station.pipeline.start()
-    station.mqtt.pipeline_started()
+    station.backend_started()
     return station
 
 
@@ -142,7 +142,7 @@ def trigger_parts(station: Station, part_ids: Iterable[str], pause: float = 0.0)
 def stop_station(station: Station, drain_s: float = 10.0) -> bool:
     station.pipeline.stop()
     assert station.pipeline.join(30), "pipeline did not stop"
-    drained = station.mqtt.stop(drain_s) if station.mqtt is not None else True
+    drained = station.stop_reporting(drain_s)
     station.close()
     return drained
 

@@ -104,16 +104,21 @@ engine: $(VENV)/.stamp-runtime
 
 # A station's config and systemd unit into provisioning/out/STATION/ (see provisioning/README.md).
 # make provision STATION=st-07 SITE=plant-a LINE=line-3 [BROKER=broker.plant:8883] [CAMERA=0] [FORCE=1]
+# Rendering needs only the project's runtime packages: a .venv that already imports `provisioning` (as after
+# `make test` or the install script) is used as it is, with no package index; only a .venv that cannot falls
+# back to installing the runtime (.stamp-runtime). PROVISION_OUT: another output folder (tests).
 STATION ?=
 SITE ?= site
 LINE ?= line
 BROKER ?= broker.local:8883
 CAMERA ?= 0
+PROVISION_OUT ?= provisioning/out
 .PHONY: provision
-provision: $(VENV)/.stamp-runtime
+provision:
 	@test -n "$(STATION)" || { echo "usage: make provision STATION=<id> SITE=<site> LINE=<line> [BROKER=host:port]"; exit 2; }
+	@$(PY) -c "import provisioning.__main__" >/dev/null 2>&1 || $(MAKE) --no-print-directory -B $(VENV)/.stamp-runtime
 	$(PY) -m provisioning all --station $(STATION) --site $(SITE) --line $(LINE) --broker $(BROKER) \
-		--camera '$(CAMERA)' $(if $(FORCE),--force)
+		--camera '$(CAMERA)' --out '$(PROVISION_OUT)' $(if $(FORCE),--force)
 
 augment-preview: $(VENV)/.stamp-base
 	$(PY) -m training.augment --out artifacts/augment_preview.png

@@ -19,7 +19,10 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bundle.errors import ApplianceError, ConfigError, EngineBuildError
 from bundle.format import ROLE_FILES, Bundle, load_bundle
@@ -34,6 +37,10 @@ from engines.plan import (
 )
 from engines.store import DEFAULT_STORE, EngineKey, list_engines, timing_cache_path, up_to_date
 from engines.validate import Validation, validate
+
+if TYPE_CHECKING:
+    from engines.build import BuiltEngine
+    from engines.device import BuildDevice
 
 
 def _heartbeat(label: str, stop: threading.Event, every_s: float = 15.0) -> None:
@@ -57,13 +64,35 @@ def _validate_engine(engine: Path, bundle: Bundle, plan: BuildPlan, device: Devi
         backend.close()
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class BuildSteps:
+    """The three calls of `build` that need TensorRT, CUDA and a GPU; everything around them (plan, key, "up to
+    date", candidate, validation before install, rejected report, atomic install) is plain Python.
+
+    `default_build_steps()` gives the real ones; tests hand in stand-ins (tests/test_engine_cli_flow.py), so the
+    flow of `make engine` runs on a CPU.
+    """
+
+    probe: Callable[[], BuildDevice]  # this device; GpuUnavailableError (exit 7) without TensorRT or a GPU
+    # (plan, ONNX file, timing cache file or None) -> the serialized engine; EngineBuildError (exit 9) when it fails
+    build: Callable[[BuildPlan, Path, Path | None], BuiltEngine]
+    # (candidate engine file, bundle, plan, device) -> the golden-set comparison with ONNX Runtime
+    validate_engine: Callable[[Path, Bundle, BuildPlan, DeviceInfo], Validation]
+
+
+def default_build_steps() -> BuildSteps:
+    """TensorRT's builder, the device probe (TensorRT + pycuda) and validation through the TensorRT backend."""
     from engines.build import build_serialized
     from engines.device import probe
 
+    return BuildSteps(probe=probe, build=build_serialized, validate_engine=_validate_engine)
+
+
+def cmd_build(args: argparse.Namespace, steps: BuildSteps | None = None) -> int:
+    steps = steps if steps is not None else default_build_steps()
     bundle = load_bundle(args.bundle)
     request = BuildRequest(args.precision, args.workspace_mb, args.dla_core, args.max_batch, args.dla_min_share)
-    device = probe()
+    device = steps.probe()
     roles = {role for role in ROLE_FILES if bundle.has(role)}
     try:
         plan = plan_build(device.tensorrt_version, request, dla_cores=device.dla_cores, available_roles=roles,
@@ -93,9 +122,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     threading.Thread(target=_heartbeat, args=("building", stop), daemon=True).start()
     started = time.monotonic()
     try:
-        built = build_serialized(plan, onnx, timing_cache_path(store, device.tensorrt_version,
-                                                               device.compute_capability, device.gpu_name,
-                                                               device.gpu_multiprocessors))
+        built = steps.build(plan, onnx, timing_cache_path(store, device.tensorrt_version, device.compute_capability,
+                                                          device.gpu_name, device.gpu_multiprocessors))
     finally:
         stop.set()
     seconds = time.monotonic() - started
@@ -121,7 +149,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         info = DeviceInfo(tensorrt_version=device.tensorrt_version, gpu_name=device.gpu_name,
                           compute_capability=device.compute_capability,
                           gpu_multiprocessors=device.gpu_multiprocessors)
-        result = _validate_engine(candidate, bundle, plan, info)
+        result = steps.validate_engine(candidate, bundle, plan, info)
         print(f"  built in {seconds:.0f} s; {result.summary()}")
         manifest = manifest.model_copy(update={"validation": result.as_dict()})
         if not result.passed:
@@ -209,13 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, build_steps: BuildSteps | None = None) -> int:
+    """The CLI. `build_steps` replaces `build`'s TensorRT/CUDA calls (tests); None: the real ones."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        if args.func is cmd_build:
+            return cmd_build(args, build_steps)
         return args.func(args)
     except ApplianceError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -97,9 +97,47 @@ def test_provision_command_writes_both_files_and_never_overwrites(tmp_path: Path
     assert main([*args, "--force"]) == 0
 
 
-def test_make_provision_needs_a_station_id():
-    proc = subprocess.run(["make", "-s", "provision"], cwd=REPO, capture_output=True, text=True, timeout=300)
+def make_provision(*variables: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    return subprocess.run(["make", "-s", "provision", *variables], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+# PIP=false PYTHON=false: any attempt to create a venv or pip-install (the package index) fails the command.
+NO_INSTALL = ("PIP=false", "PYTHON=false")
+
+
+def test_make_provision_needs_a_station_id(tmp_path: Path):
+    # the usage comes first: no venv is looked at, let alone installed
+    proc = make_provision(f"VENV={tmp_path / 'no-venv'}", *NO_INSTALL)
     assert proc.returncode != 0 and "usage: make provision STATION=" in proc.stdout + proc.stderr
+    assert "false" not in proc.stdout + proc.stderr and not (tmp_path / "no-venv").exists()
+
+
+def test_make_provision_renders_with_the_venv_there_without_installing(tmp_path: Path):
+    # a venv without install stamps whose python (the one running these tests) imports `provisioning`, as .venv's
+    # does after `make test`: rendered with it, nothing installed
+    proc = make_provision(f"VENV={tmp_path / 'venv'}", f"PY={sys.executable}", *NO_INSTALL, "STATION=st-mk",
+                          "SITE=plant-t", "LINE=line-9", "BROKER=b.plant:8883", f"PROVISION_OUT={tmp_path}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    settings = load_settings(tmp_path / "st-mk" / "station.toml")
+    assert (settings.station.id, settings.station.site, settings.station.line) == ("st-mk", "plant-t", "line-9")
+    assert (tmp_path / "st-mk" / "appliance.service").is_file()
+    assert not (REPO / "provisioning" / "out" / "st-mk").exists()
+
+
+def test_make_provision_installs_the_runtime_only_where_the_venv_lacks_it(tmp_path: Path):
+    # a venv whose python cannot import `provisioning` (here: none at all) -> the runtime install (.stamp-runtime),
+    # shown by echo instead of run
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    proc = make_provision(f"VENV={venv}", "PYTHON=echo would-run python3", "PIP=echo would-run pip",
+                          "STATION=st-mk", f"PROVISION_OUT={tmp_path / 'out'}")
+    out = proc.stdout + proc.stderr
+    assert f"would-run python3 -m venv --system-site-packages {venv}" in out
+    assert "would-run pip install -q -e .[cpu]" in out
+    assert proc.returncode != 0  # and then there is still no python in that venv to render with
 
 
 def test_install_script_dry_run_lists_the_steps_in_order():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from appliance.inference.registry import primary_backend
 from appliance.settings import StationSettings
 from bundle.errors import ApplianceError
 
@@ -50,7 +51,7 @@ class Doctor:
 
     @property
     def _uses_gpu(self) -> bool:
-        return self.settings.inference.backend != "onnxruntime"
+        return primary_backend(self.settings.inference.backend).gpu
 
     def checks(self) -> list[Check]:
         return [

@@ -83,7 +83,7 @@ def supervisor_factory(settings: StationSettings, bundle: Bundle):
     def build(on_event: EventSink) -> BackendSupervisor:
         fallback = (lambda: cpu.open(request)) if with_fallback else None
         return BackendSupervisor(lambda: primary.open(request), primary.name, fallback, on_event,
-                                 retry_max_s=inf.gpu_retry_max_s)
+                                 retry_max_s=inf.gpu_retry_max_s, primary_gpu=primary.gpu)
 
     return build
 

@@ -149,11 +149,18 @@ def cmd_build(args: argparse.Namespace, steps: BuildSteps | None = None) -> int:
         info = DeviceInfo(tensorrt_version=device.tensorrt_version, gpu_name=device.gpu_name,
                           compute_capability=device.compute_capability,
                           gpu_multiprocessors=device.gpu_multiprocessors)
-        result = steps.validate_engine(candidate, bundle, plan, info)
+        rejected = target.with_name(target.name + ".rejected.json")
+        try:
+            result = steps.validate_engine(candidate, bundle, plan, info)
+        except Exception as exc:  # an engine that cannot even be run fails validation like a wrong one
+            problem = f"the engine could not be run on the golden set: {type(exc).__name__}: {exc}"
+            manifest = manifest.model_copy(update={"validation": {"passed": False, "problems": [problem]}})
+            rejected.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+            raise EngineBuildError(f"engine for {bundle.model_id} ({plan.precision}) was not installed: {problem} "
+                                   f"(report: {rejected})") from exc
         print(f"  built in {seconds:.0f} s; {result.summary()}")
         manifest = manifest.model_copy(update={"validation": result.as_dict()})
         if not result.passed:
-            rejected = target.with_name(target.name + ".rejected.json")
             rejected.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
             raise EngineBuildError(f"engine for {bundle.model_id} ({plan.precision}) failed validation and was not "
                                    f"installed: {'; '.join(result.problems)} (report: {rejected})")
@@ -161,6 +168,7 @@ def cmd_build(args: argparse.Namespace, steps: BuildSteps | None = None) -> int:
         # `make engine` and the runtime both treat as "rebuild".
         candidate.replace(target)
         write_manifest(manifest_path(target), manifest)
+        rejected.unlink(missing_ok=True)  # an earlier rejection's report no longer describes what is installed
     finally:
         candidate.unlink(missing_ok=True)
         manifest_path(candidate).unlink(missing_ok=True)

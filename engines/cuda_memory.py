@@ -180,11 +180,13 @@ class _ThreadBound:
     _what = "CUDA resource"
 
     def __init__(self) -> None:
-        self._owner_ident = threading.get_ident()
-        self._owner_name = threading.current_thread().name
+        # The Thread object, not get_ident(): Python reuses an ident once its thread has ended, so a thread
+        # started after the owner died could pass an ident check and hit "invalid device context" instead.
+        self._owner = threading.current_thread()
+        self._owner_name = self._owner.name
 
     def _check_thread(self, operation: str) -> None:
-        if threading.get_ident() != self._owner_ident:
+        if threading.current_thread() is not self._owner:
             raise CudaThreadError(
                 f"{self._what}: {operation} called from thread {threading.current_thread().name!r}, but the "
                 f"resource belongs to thread {self._owner_name!r} (the one that created it)",

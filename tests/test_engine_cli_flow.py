@@ -289,17 +289,24 @@ def test_a_rejected_engine_is_not_installed_and_not_taken_as_up_to_date(bundle_d
     assert build(bundle_dir, store, steps) == 0
     assert len(steps.builds) == 1 and target.read_bytes() == b"engine v1"
     assert "installed" in capsys.readouterr().out
+    # the old rejection's report went with the install: it no longer describes what is there
+    assert not (store / (target.name + ".rejected.json")).exists()
 
 
 def test_an_engine_that_cannot_even_be_validated_is_not_installed(bundle_dir: Path, store: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    # e.g. TensorRT refusing to deserialize what it just built: the error propagates and the candidate goes
+    # e.g. TensorRT refusing to deserialize what it just built: a failed validation like any other (exit 9,
+    # a report), and the candidate goes
     assert build(bundle_dir, store, FakeSteps()) == 0
     target = store / engine_name(bundle_dir)
     before = snapshot(target)
     error = GpuUnavailableError("TensorRT could not deserialize the engine")
-    assert build(bundle_dir, store, FakeSteps(blob=b"engine v2", validate_error=error), "--force") != 0
-    assert "TensorRT could not deserialize the engine" in capsys.readouterr().err
+    assert build(bundle_dir, store, FakeSteps(blob=b"engine v2", validate_error=error), "--force") == 9
+    err = capsys.readouterr().err
+    assert "could not be run on the golden set: GpuUnavailableError: TensorRT could not deserialize" in err
+    report = json.loads((store / (target.name + ".rejected.json")).read_text())
+    assert report["validation"]["passed"] is False and "deserialize" in report["validation"]["problems"][0]
+    assert report["engine_sha256"] == hashlib.sha256(b"engine v2").hexdigest()
     assert snapshot(target) == before and leftovers(store) == []
 
 
@@ -617,3 +624,37 @@ def test_the_context_refuses_a_foreign_thread(driver: FakeDriver) -> None:
     finally:
         context.close()
     assert context.closed and driver.driver_stack == [] and driver.pycuda_stack == []
+
+
+def test_a_thread_reusing_a_dead_owners_ident_is_still_refused(driver: FakeDriver) -> None:
+    # Python hands a finished thread's ident to the next thread; ownership must not follow the number.
+    made: dict[str, Any] = {}
+    owner = threading.Thread(target=lambda: made.update(buffer=DeviceBuffer(16), ident=threading.get_ident()),
+                             name="inference")
+    owner.start()
+    owner.join()
+    buffer = made["buffer"]
+    try:
+        for _ in range(200):  # usually the first new thread already gets the same ident
+            seen: dict[str, Any] = {}
+
+            def body(seen: dict[str, Any] = seen) -> None:
+                seen["ident"] = threading.get_ident()
+                try:
+                    buffer.free()
+                except CudaThreadError as exc:
+                    seen["refused"] = str(exc)
+
+            worker = threading.Thread(target=body, name="successor")
+            worker.start()
+            worker.join()
+            if seen["ident"] == made["ident"]:
+                break
+        else:
+            pytest.skip("no new thread got the dead owner's ident here (the reuse this test is about)")
+        assert "free called from thread 'successor'" in seen.get("refused", ""), seen
+        assert not buffer.freed
+    finally:
+        # Cleanup only: nobody can free a dead thread's resource, so hand it to this thread.
+        buffer._owner = threading.current_thread()
+        buffer.free()

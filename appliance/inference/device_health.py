@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from appliance.inference.registry import primary_backend, runs_on_gpu
+
 # Relative to the sysfs root. Nano/TX2/Xavier: gpu.0; Orin: the 17000000.gpu platform device.
 _LOAD_FILES = (
     "devices/gpu.0/load",
@@ -51,9 +53,9 @@ def jetson_gpu_readings(sysfs: Path = Path("/sys")) -> dict[str, float]:
 def gpu_health(configured_backend: str, running_backend: str, sysfs: Path = Path("/sys")) -> dict[str, Any]:
     """`state`: in_use (TensorRT runs), unavailable (configured but not running: a fallback is active) or
     not_used (the station is configured for ONNX Runtime on the CPU); plus Jetson readings if any."""
-    if configured_backend == "onnxruntime":
+    if not primary_backend(configured_backend).gpu:
         state = "not_used"
-    elif running_backend == "tensorrt":
+    elif runs_on_gpu(running_backend):
         state = "in_use"
     else:
         state = "unavailable"

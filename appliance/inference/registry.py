@@ -20,15 +20,16 @@ class BackendEntry:
     open: Callable[[BackendRequest], InferenceBackend]  # called on the inference thread, which then owns it
     # The configured engine precision -> the precision whose operating point (bundle metadata) judges its scores.
     decision_precision: Callable[[str], str]
+    gpu: bool  # runs on the GPU: its loss is `gpu_lost` / `gpu_back`, and health's `gpu.state` follows it
     summary: str  # for documentation and `--help`
 
 
 BACKENDS: dict[str, BackendEntry] = {
     entry.name: entry
     for entry in (
-        BackendEntry("tensorrt", tensorrt.open_backend, tensorrt.decision_precision,
+        BackendEntry("tensorrt", tensorrt.open_backend, tensorrt.decision_precision, True,
                      "the TensorRT engine built on this device (make engine)"),
-        BackendEntry("onnxruntime", onnxruntime.open_backend, onnxruntime.decision_precision,
+        BackendEntry("onnxruntime", onnxruntime.open_backend, onnxruntime.decision_precision, False,
                      "the bundle's FP32 ONNX model on the CPU"),
     )
 }
@@ -41,3 +42,9 @@ CHOICES: tuple[str, ...] = (AUTO, *BACKENDS)
 def primary_backend(configured: str) -> BackendEntry:
     """The backend a station configured with `inference.backend = configured` starts on."""
     return BACKENDS[AUTO_PRIMARY if configured == AUTO else configured]
+
+
+def runs_on_gpu(name: str) -> bool:
+    """Whether the backend named `name` (as a record or heartbeat names it) is a GPU one; "none" is not."""
+    entry = BACKENDS.get(name)
+    return entry is not None and entry.gpu

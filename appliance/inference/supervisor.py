@@ -41,9 +41,13 @@ class BackendSupervisor:
         retry_initial_s: float = 1.0,
         retry_max_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        primary_gpu: bool | None = None,
     ) -> None:
+        """`primary_gpu`: the primary runs on the GPU (registry entry's `gpu`; left out: named "tensorrt"),
+        so its loss and return are reported as gpu_lost / gpu_back."""
         self._primary = primary
         self.primary_name = primary_name
+        self.primary_gpu = primary_name == "tensorrt" if primary_gpu is None else primary_gpu
         self._fallback = fallback
         self._on_event = on_event
         self._retry_initial = retry_initial_s
@@ -84,7 +88,7 @@ class BackendSupervisor:
         self._close_backend()
         self._install(backend, primary=True)
         self._delay = self._retry_initial
-        self._on_event("gpu_back" if self.primary_name == "tensorrt" else "backend_back",
+        self._on_event("gpu_back" if self.primary_gpu else "backend_back",
                        {"backend": backend.name, "model_id": backend.model_id})
         return True
 
@@ -101,7 +105,7 @@ class BackendSupervisor:
 
     def _degrade(self, exc: BaseException, at_start: bool) -> None:
         reason = _describe(exc)
-        lost = "gpu_lost" if self.primary_name == "tensorrt" else "backend_failed"
+        lost = "gpu_lost" if self.primary_gpu else "backend_failed"
         self._on_event(lost, {"backend": self.primary_name, "reason": reason, "at_start": at_start})
         self._schedule_retry()
         self.on_primary = False
@@ -117,7 +121,7 @@ class BackendSupervisor:
                 return
         self.backend = None
         self.generation += 1
-        label = "GPU unavailable" if self.primary_name == "tensorrt" else "inference unavailable"
+        label = "GPU unavailable" if self.primary_gpu else "inference unavailable"
         self.why_no_model = f"{label}: {reason}"
         self._on_event("manual_fallback", {"reason": self.why_no_model})
         self._check_fatal(_describe(exc))

@@ -32,7 +32,8 @@ class FanOut:
         self._errors: dict[str, int] = {}
         self._reported: dict[str, tuple[float, int]] = {}  # sink -> (monotonic time of the last report, errors then)
         self._lock = threading.Lock()
-        self._reporting = threading.local()  # set while a sink_failed event is being delivered on this thread
+        # Per thread: failures due for a report, and whether sink_failed events are being delivered now.
+        self._local = threading.local()
         self.report_every_s = report_every_s
         for sink in sinks:
             self.add(sink)
@@ -54,6 +55,7 @@ class FanOut:
                 sink.inspection(record)
             except Exception as exc:
                 self._failed(sink, "inspection", exc, record.part_id)
+        self._report()
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:
         for sink in self._sinks:
@@ -61,6 +63,7 @@ class FanOut:
                 sink.event(kind, detail)
             except Exception as exc:
                 self._failed(sink, "event", exc, kind)
+        self._report()
 
     def flush(self, timeout: float) -> bool:
         """Every sink's flush within one shared deadline; True when every sink wrote everything."""
@@ -72,6 +75,7 @@ class FanOut:
             except Exception as exc:
                 self._failed(sink, "flush", exc, "")
                 done = False
+        self._report()
         return done
 
     def errors(self) -> dict[str, int]:
@@ -91,17 +95,27 @@ class FanOut:
             return
         log.error("sink %s failed in %s (%s): %s: %s (%d error(s) since start; the other sinks still get everything)",
                   sink.name, call, about, type(exc).__name__, exc, count, exc_info=last_at is None)
-        if getattr(self._reporting, "active", False):
+        if getattr(self._local, "reporting", False):
             return  # a sink failed while taking a sink_failed event: counted and logged, not reported again
-        self._reporting.active = True
+        pending = self._local.__dict__.setdefault("pending", [])
+        pending.append((sink, {"sink": sink.name, "call": call, "error": f"{type(exc).__name__}: {exc}"[:500],
+                               "errors": count, "errors_since_last_report": count - last_count}))
+
+    def _report(self) -> None:
+        """Give the other sinks a `sink_failed` event for each failure due for a report, once the record or event
+        that failed has reached every sink (so it arrives after it, in order)."""
+        pending = self._local.__dict__.get("pending")
+        if not pending or getattr(self._local, "reporting", False):
+            return
+        self._local.pending = []
+        self._local.reporting = True
         try:
-            detail = {"sink": sink.name, "call": call, "error": f"{type(exc).__name__}: {exc}"[:500],
-                      "errors": count, "errors_since_last_report": count - last_count}
-            for other in self._sinks:
-                if other is not sink:
-                    try:
-                        other.event("sink_failed", detail)
-                    except Exception as exc2:
-                        self._failed(other, "event", exc2, "sink_failed")
+            for failed, detail in pending:
+                for other in self._sinks:
+                    if other is not failed:
+                        try:
+                            other.event("sink_failed", detail)
+                        except Exception as exc:
+                            self._failed(other, "event", exc, "sink_failed")
         finally:
-            self._reporting.active = False
+            self._local.reporting = False

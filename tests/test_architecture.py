@@ -37,6 +37,7 @@ APPLIANCE_LAYERS: list[set[str]] = [
     {"appliance.camera"},
     {"appliance.station"},
     {"appliance.reporting"},
+    {"appliance.review"},
     {"appliance.runtime", "appliance.doctor", "appliance.cli"},
 ]
 

@@ -382,8 +382,8 @@ def test_mode_command_during_gpu_fallback_takes_effect_when_the_gpu_is_back(tmp_
     class CommandDuringFallback(ResultsLogSink):
         sent = False
 
-        def inspection(self, record):
-            super().inspection(record)
+        def inspection(self, record, evidence):
+            super().inspection(record, evidence)
             if record.mode == "manual_fallback" and not self.sent:
                 self.sent = True  # the control room switches to shadow while the GPU is away
                 pipeline.modes.set_mode(Mode.SHADOW)

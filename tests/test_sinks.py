@@ -14,7 +14,7 @@ from appliance.inference.registry import AUTO, BACKENDS, CHOICES, BackendEntry, 
 from appliance.reporting.fanout import FanOut
 from appliance.runtime import build_station, operating_points, supervisor_factory
 from appliance.settings import InferenceSection
-from appliance.station.inspection import InspectionRecord
+from appliance.station.inspection import Evidence, InspectionRecord
 from appliance.station.sink import Sink
 from bundle.format import load_bundle
 from tests.support.frames import write_frames
@@ -35,9 +35,11 @@ class Collecting:
         self.name = name
         self.parts: list[str] = []
         self.events: list[tuple[str, dict[str, Any]]] = []
+        self.evidence: list[Evidence] = []
 
-    def inspection(self, record: InspectionRecord) -> None:
+    def inspection(self, record: InspectionRecord, evidence: Evidence) -> None:
         self.parts.append(record.part_id)
+        self.evidence.append(evidence)
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:
         self.events.append((kind, detail))
@@ -49,7 +51,7 @@ class Collecting:
 class Broken(Collecting):
     """A sink whose every call raises (a review queue on a dead disk, a PLC gone)."""
 
-    def inspection(self, record: InspectionRecord) -> None:
+    def inspection(self, record: InspectionRecord, evidence: Evidence) -> None:
         raise OSError(f"cannot store part {record.part_id}")
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:
@@ -121,6 +123,9 @@ def test_a_station_with_a_broken_extra_sink_still_records_every_part(tmp_path: P
     # Then every part is in the results log and reached the sink after the broken one
     assert sum(station.results.counts().values()) == 6 == status.inspections
     assert len(watcher.parts) == 6
+    # each sink got the frame the part was decided on, read-only (a sink cannot change what others see)
+    assert all(e.image is not None and e.image.ndim in (2, 3) and not e.image.flags.writeable
+               for e in watcher.evidence)
     # and the failure is counted per sink and reported once, as an event in the results log too
     errors = station.sinks.errors()
     assert errors["review"] >= 6 and errors["results_log"] == errors["watcher"] == errors["storage_watch"] == 0

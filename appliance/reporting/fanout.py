@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from appliance.station.inspection import InspectionRecord
+from appliance.station.inspection import NO_EVIDENCE, Evidence, InspectionRecord
 from appliance.station.sink import Sink
 
 log = logging.getLogger("appliance.reporting.fanout")
@@ -49,10 +49,10 @@ class FanOut:
     def sinks(self) -> list[Sink]:
         return list(self._sinks)
 
-    def inspection(self, record: InspectionRecord) -> None:
+    def inspection(self, record: InspectionRecord, evidence: Evidence = NO_EVIDENCE) -> None:
         for sink in self._sinks:
             try:
-                sink.inspection(record)
+                sink.inspection(record, evidence)
             except Exception as exc:
                 self._failed(sink, "inspection", exc, record.part_id)
         self._report()

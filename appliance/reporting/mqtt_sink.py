@@ -17,7 +17,7 @@ from appliance.reporting.mqtt_link import MqttLink
 from appliance.reporting.outbox import NewMessage, Outbox
 from appliance.reporting.payloads import AlertPayload, EventPayload, ResultPayload, Topics
 from appliance.reporting.recorder import EventSink, StoreWriter
-from appliance.station.inspection import InspectionRecord
+from appliance.station.inspection import NO_EVIDENCE, Evidence, InspectionRecord
 from appliance.threads import FailureSink
 
 BACKEND_EVENTS = frozenset({"gpu_lost", "gpu_back", "cpu_fallback", "backend_failed", "backend_back"})
@@ -40,7 +40,7 @@ class MqttSink:
             notes=outbox.take_notes, on_failure=on_failure, initial_error=outbox.open_error,
             dump=lambda messages: json.dumps([m.payload for m in messages]))
 
-    def inspection(self, record: InspectionRecord) -> None:
+    def inspection(self, record: InspectionRecord, evidence: Evidence = NO_EVIDENCE) -> None:
         result = ResultPayload.from_record(record, self.station)
         messages = [NewMessage(self.topics.of("result"), result.model_dump_json(), 1, "result")]
         if record.verdict == "fail":

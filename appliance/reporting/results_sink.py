@@ -10,7 +10,7 @@ from typing import Any
 
 from appliance.reporting.recorder import EventSink, StoreWriter
 from appliance.reporting.results_log import LoggedEvent, ResultsLog
-from appliance.station.inspection import InspectionRecord
+from appliance.station.inspection import NO_EVIDENCE, Evidence, InspectionRecord
 from appliance.threads import FailureSink
 
 log = logging.getLogger("appliance.reporting.results")
@@ -32,7 +32,7 @@ class ResultsLogSink:
             on_event=on_storage_event, notes=results.take_notes, on_failure=on_failure,
             initial_error=results.open_error, dump=dump_logged)
 
-    def inspection(self, record: InspectionRecord) -> None:
+    def inspection(self, record: InspectionRecord, evidence: Evidence = NO_EVIDENCE) -> None:
         self.writer.submit(record)  # a refusal is logged in full by the writer (UNRECORDED)
         if self.echo:
             score = "-" if record.score is None else f"{record.score:.4f}"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from appliance.reporting.recorder import StoreWriter
-from appliance.station.inspection import InspectionRecord
+from appliance.station.inspection import NO_EVIDENCE, Evidence, InspectionRecord
 from appliance.station.modes import ModeControl
 
 
@@ -30,7 +30,7 @@ class StorageWatch:
         self._held = False  # whether this watch holds the station in manual_fallback
 
     # --- the Sink interface: each call is a moment to look -------------------------------------------------------
-    def inspection(self, record: InspectionRecord) -> None:
+    def inspection(self, record: InspectionRecord, evidence: Evidence = NO_EVIDENCE) -> None:
         self.update()
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:

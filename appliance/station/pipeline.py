@@ -29,7 +29,7 @@ import numpy as np
 from appliance.camera import CameraState, Frame
 from appliance.inference.backend import InferenceBackend
 from appliance.inference.supervisor import BackendSupervisor
-from appliance.station.inspection import InspectionRecord
+from appliance.station.inspection import Evidence, InspectionRecord
 from appliance.station.modes import ModeControl
 from appliance.station.sink import Sink
 from appliance.station.stats import RollingStats
@@ -458,7 +458,7 @@ class Pipeline:
         )
         self.stats.add(record)
         try:
-            self.sink.inspection(record)
+            self.sink.inspection(record, Evidence.of(insp.frame.image if insp.frame.error is None else None))
         except Exception:  # a sink must never stop inspection (the fan-out isolates each; this is the last guard)
             log.exception("sink failed for part %s", insp.part_id)
 

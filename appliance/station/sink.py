@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from appliance.station.inspection import InspectionRecord
+from appliance.station.inspection import Evidence, InspectionRecord
 
 
 @runtime_checkable
 class Sink(Protocol):
     name: str  # e.g. "results_log", "mqtt": names the sink in logs, events and health
 
-    def inspection(self, record: InspectionRecord) -> None:
-        """One finished inspection (decide thread)."""
+    def inspection(self, record: InspectionRecord, evidence: Evidence) -> None:
+        """One finished inspection (decide thread) and what it was decided on (the frame; see Evidence)."""
         ...
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:

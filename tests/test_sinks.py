@@ -190,3 +190,30 @@ def test_a_registered_backend_is_opened_by_the_supervisor_and_gets_its_operating
         assert supervisor.backend.name == "onnxruntime" and events == [] and not supervisor.primary_gpu
     finally:
         supervisor.close()
+
+
+def test_a_submitted_image_is_inspected_like_a_camera_frame_and_refused_once_stopping(tmp_path: Path, bundle_dir: Path):
+    from appliance.station.pipeline import SubmitRefused
+    from tests.support.frames import part_image
+
+    # Given a triggered station (its camera waits for triggers) with one more sink watching
+    watcher = Collecting("watcher")
+    station = build_station(station_settings(tmp_path, bundle_dir), sinks=[watcher], echo=False)
+    station.start()
+    try:
+        # When two images arrive from outside the camera (uploads)
+        ids = [station.pipeline.submit(part_image(n), f"UP-{n}", source_name=f"upload-{n}.png") for n in (0, 1)]
+    finally:
+        station.pipeline.stop()
+        assert station.pipeline.join(30)
+    # Then each went through the same stages and sinks, under its own id
+    assert watcher.parts == ["UP-0", "UP-1"]
+    records = {r.part_id: r for r in station.results.inspections()}
+    assert [records[p].inspection_id for p in ("UP-0", "UP-1")] == ids
+    assert all(records[p].backend == "onnxruntime" and records[p].score is not None for p in records)
+    assert records["UP-1"].source_name == "upload-1.png"
+    # and a stopped station takes nothing more, saying why
+    with pytest.raises(SubmitRefused, match="stopping") as refused:
+        station.pipeline.submit(part_image(2), "UP-2")
+    assert refused.value.busy is False
+    station.close(5)

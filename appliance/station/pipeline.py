@@ -44,6 +44,14 @@ log = logging.getLogger("appliance.station.pipeline")
 _STOP = object()  # end-of-stream marker passed down the stages
 
 
+class SubmitRefused(ApplianceError):
+    """`Pipeline.submit` could not take the frame: the station is busy (`busy`) or stopping; nothing was queued."""
+
+    def __init__(self, message: str, busy: bool) -> None:
+        super().__init__(message)
+        self.busy = busy
+
+
 class FrameReader(Protocol):
     """What the pipeline needs of a frame source (appliance.camera.FrameSource implements it)."""
 
@@ -176,6 +184,10 @@ class Pipeline:
         self._q_infer: queue.Queue[Any] = queue.Queue(config.queue_size)
         self._q_decide: queue.Queue[Any] = queue.Queue(config.queue_size)
         self._triggers: queue.Queue[str] = queue.Queue()
+        # submit() and the end of capture: once capture has put its end marker nothing may follow it.
+        self._submit_lock = threading.Lock()
+        self._submissions_closed = False
+        self._submitted = 0
         self._slots = SlotPool()
         self._stop = threading.Event()
         self._backend_ready = threading.Event()
@@ -221,6 +233,30 @@ class Pipeline:
     def trigger(self, part_id: str) -> None:
         """Triggered mode: inspect the next frame as part `part_id` (from a PLC, MQTT or an operator)."""
         self._triggers.put(part_id)
+
+    def submit(self, image: np.ndarray, part_id: str, source_name: str = "upload", timeout: float = 5.0) -> str:
+        """Inspect `image` (uint8, (H, W) or (H, W, 3) BGR, as a camera gives it) as part `part_id`, through the
+        same stages, backend, decision and sinks as a camera frame: an HTTP upload, a frame a PLC pushed.
+
+        Returns the inspection id its record will carry. Raises SubmitRefused when the first queue has no room
+        within `timeout` s (busy: the caller may retry) or once the pipeline is stopping (nothing is queued then).
+        """
+        now = time.monotonic()
+        with self._submit_lock:
+            if self._submissions_closed or self._stop.is_set():
+                raise SubmitRefused("the station is stopping and takes no more parts", busy=False)
+            self._submitted += 1
+            frame = Frame(image=image, index=self._submitted, captured_at=time.time(), monotonic=now,
+                          source_name=source_name)
+            insp = Inspection(inspection_id=uuid.uuid4().hex, part_id=part_id, frame=frame,
+                              t={"captured": now, "queued": now})
+            try:
+                # Held under the lock while it waits: capture's end marker must not overtake a part taken here.
+                self._q_pre.put(insp, timeout=timeout)
+            except queue.Full:
+                raise SubmitRefused(f"the station is busy: no room for part {part_id} within {timeout:g} s",
+                                    busy=True) from None
+        return insp.inspection_id
 
     @property
     def mode(self) -> Mode:
@@ -296,6 +332,8 @@ class Pipeline:
                     self.dropped += 1  # live camera: a newer frame is worth more than this one
             else:
                 self._q_pre.put(insp)
+        with self._submit_lock:
+            self._submissions_closed = True
         self._q_pre.put(_STOP)
 
     def _part_id(self, seq: int) -> str:

@@ -527,6 +527,35 @@ def test_a_folder_named_synthetic_does_not_beat_synthetic_parts(
         assert source.state().kind == "synthetic" and source.read().source_name == ""
 
 
+def test_source_none_is_no_camera_that_waits_its_timeout_never_ends_and_wins_over_a_folder_named_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a folder called "none" with an image in the working directory (it must not become the camera)
+    monkeypatch.chdir(tmp_path)
+    Path("none").mkdir()
+    write_image(Path("none") / "part.png", 80)
+
+    with open_source(CameraSection(source="none")) as source:
+        # When read, it waits its timeout and gives nothing, and is never exhausted (uploads may come any time)
+        started = time.monotonic()
+        assert source.read(timeout=0.2) is None
+        waited = time.monotonic() - started
+        assert 0.15 <= waited < 2.0, waited
+        assert not source.exhausted and not source.live
+        state = source.state()
+        assert state.kind == "none" and state.source == "none" and not state.connected
+        assert state.frames_delivered == 0 and state.last_frame_age_s is None
+
+        # Then a reader waiting without a timeout is woken by close()
+        got: list[Frame | None] = []
+        reader = threading.Thread(target=lambda: got.append(source.read()))
+        reader.start()
+        time.sleep(0.1)
+        assert reader.is_alive()
+    reader.join(2)
+    assert not reader.is_alive() and got == [None]
+
+
 @pytest.mark.parametrize(
     "pipeline",
     [

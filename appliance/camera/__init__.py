@@ -1,6 +1,6 @@
 """Frame sources: where the station's frames come from (files, folders, video, V4L2/USB, RTSP/HTTP,
-GStreamer, synthetic parts). `open_source(camera_section)` picks one from `camera.source`; every source
-has the same small interface (`read`, `state`, `close`, `live`, `exhausted`), defined by `FrameSource`.
+GStreamer, synthetic parts, or none: uploads only). `open_source(camera_section)` picks one from `camera.source`;
+every source has the same small interface (`read`, `state`, `close`, `live`, `exhausted`), defined by `FrameSource`.
 
 Modules:
 
@@ -9,6 +9,7 @@ Modules:
 - `files`: image files, an image folder or a glob pattern (`ImageFilesSource`).
 - `video`: a recorded video file (`VideoFileSource`).
 - `synthetic`: rendered synthetic parts (`SyntheticSource`; loads `synthetic.parts` only when used).
+- `none`: no camera (`NoCameraSource`): a station that only inspects uploads (`Pipeline.submit`).
 - `live`: live cameras on their own clock, newest frame only, reconnecting (`LiveSource`), and the openers
   for a V4L2/USB device, an rtsp/http(s) URL and a GStreamer pipeline.
 - `resolve`: `open_source` and `RESOLVERS`, the ordered list that decides which module a `camera.source`

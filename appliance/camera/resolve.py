@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.camera import files, live, synthetic, video
+from appliance.camera import files, live, none, synthetic, video
 from appliance.camera.base import FrameSource, Opener, mask_credentials
 from appliance.settings import CameraSection
 from bundle.errors import CameraError
@@ -20,6 +20,9 @@ Resolver = Callable[[str, CameraSection, Opener | None], FrameSource | None]
 
 # Tried first to last. Several texts would be claimed by more than one resolver, so the order is the rule:
 RESOLVERS: tuple[Resolver, ...] = (
+    # "none" (no camera: parts only from uploads) first: a keyword, like "synthetic", whatever happens to be on
+    # disk under that name (a folder called "none" in the working directory must not become the camera).
+    none.resolve_none,
     # "synthetic" / "synthetic:N" first: it is a keyword, whatever happens to be on disk under that name.
     synthetic.resolve_synthetic,
     # A digit string is a device index before any path check: a stray file named "0" in the working

@@ -29,6 +29,7 @@ from appliance.reporting.presence import Presence, config_hash
 from appliance.reporting.results_log import ResultsLog
 from appliance.reporting.results_sink import ResultsLogSink
 from appliance.reporting.storage_watch import StorageWatch
+from appliance.review.sink import ReviewSink
 from appliance.settings import StationSettings, mqtt_password
 from appliance.station.modes import ModeControl
 from appliance.station.pipeline import Pipeline, PipelineConfig
@@ -124,6 +125,7 @@ class Station:
     commands: CommandHandler | None = None
     presence: Presence | None = None
     extra_sinks: list[Sink] = field(default_factory=list)
+    review: ReviewSink | None = None  # the review queue (review.enabled)
 
     def start(self) -> None:
         """Connect (in the background: until then everything waits in the outbox), then start inspecting."""
@@ -162,6 +164,8 @@ class Station:
         if self.outbox is not None:
             self.outbox.close()
         self.results.close()
+        if self.review is not None:
+            self.review.close()
         return written
 
 
@@ -199,6 +203,13 @@ def build_station(settings: StationSettings, source: FrameSource | None = None, 
     fanout.add(results_sink)
     writers = [results_sink.writer]
     station = Station(pipeline, results, fanout, StorageWatch(writers, modes), failures)
+    review = None
+    if settings.review.enabled:
+        # Not the record of the part (the results log is): its writer is watched but best-effort, so a full
+        # review backlog never turns the station fail-safe (appliance/review/sink.py).
+        review = ReviewSink.open(data / "review", settings.review, on_event=fanout.event, on_failure=failures)
+        station.review = review
+        station.storage.best_effort.add(review.writer)
     if link_config is not None:
         m = settings.mqtt
         outbox = Outbox(data / "outbox.sqlite3", max_messages=m.outbox_max_messages, max_age_s=m.outbox_max_age_s,
@@ -210,13 +221,17 @@ def build_station(settings: StationSettings, source: FrameSource | None = None, 
         fanout.add(mqtt_sink)
         writers.append(mqtt_sink.writer)
         commands = CommandHandler(pipeline, triggered=triggered, on_event=fanout.event, rebirth=link.request_rebirth,
-                                  max_command_bytes=m.max_command_bytes)
+                                  max_command_bytes=m.max_command_bytes, labels=review)
         link.handle_commands(commands.on_command)
         heartbeat = HeartbeatMonitor(pipeline, mqtt_sink, station.storage, on_event=fanout.event, failures=failures,
                                      sink_errors=fanout.errors, configured_backend=settings.inference.backend,
-                                     heartbeat_s=m.heartbeat_s, data_dir=data)
+                                     heartbeat_s=m.heartbeat_s, data_dir=data,
+                                     review=review.summary if review is not None else None)
         station.outbox, station.link, station.heartbeat = outbox, link, heartbeat
         station.commands, station.presence = commands, presence
+    if review is not None:
+        fanout.add(review)
+        writers.append(review.writer)
     station.storage.writers = writers
     for sink in sinks or []:
         fanout.add(sink)

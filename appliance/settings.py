@@ -177,6 +177,38 @@ class StorageSection(_Section):
     pending_max: int = Field(10_000, ge=10, le=1_000_000)
 
 
+class PromotionSection(_Section):
+    """When the labels say a model may decide on its own (`appliance review promotion`): at least
+    `min_labelled` labelled parts with an AI verdict, the detection rate's Wilson lower bound at `confidence`
+    at least `min_detection_rate`, the false-positive rate's upper bound at most `max_false_positive_rate`."""
+
+    min_labelled: int = Field(300, ge=1, le=10_000_000)
+    min_detection_rate: float = Field(0.95, ge=0.0, le=1.0)
+    max_false_positive_rate: float = Field(0.05, ge=0.0, le=1.0)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class ReviewSection(_Section):
+    """The review queue (`<storage.data_dir>/review/`): parts set aside for a person, with their pictures."""
+
+    enabled: bool = True
+    # Share of the confident verdicts (pass / fail in production) queued as an audit sample; manual_required
+    # and shadow-mode parts are always queued.
+    audit_rate: float = Field(0.01, ge=0.0, le=1.0)
+    # The audit sample is a hash of the inspection id and this seed; unset: a random seed per start.
+    audit_seed: int | None = Field(None, ge=0, lt=2**63)
+    image_format: Literal["png", "jpeg"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    # Bounds on the pictures (and defect maps): over them the oldest labelled items go first, then the oldest
+    # unlabelled ones (counted: evicted_unreviewed).
+    max_bytes: int = Field(2 * 2**30, ge=1)
+    max_age_days: float = Field(90.0, gt=0, le=36_500)
+    # Parts (each with its frame) held in memory while the review folder cannot be written, or the writer is
+    # behind; more are not queued (counted: refused). The station is not held: the results log has each part.
+    pending_max: int = Field(64, ge=1, le=100_000)
+    promotion: PromotionSection = PromotionSection()
+
+
 class StationSettings(BaseSettings):
     """Everything a station is configured with."""
 
@@ -193,6 +225,7 @@ class StationSettings(BaseSettings):
     mqtt: MqttSection = MqttSection()
     watchdog: WatchdogSection = WatchdogSection()
     storage: StorageSection = StorageSection()
+    review: ReviewSection = ReviewSection()
 
     @classmethod
     def settings_customise_sources(

@@ -71,7 +71,7 @@ def test_every_result_arrives_schema_valid_with_birth_status_and_heartbeats(
     by_id = {r.inspection_id: r for r in logged}
     for r in results:
         assert r.verdict == by_id[r.inspection_id].verdict and r.part_id == by_id[r.inspection_id].part_id
-        assert r.station == "st-mqtt" and not r.replayed and r.schema_version == 2
+        assert r.station == "st-mqtt" and not r.replayed and r.schema_version == 3
     # one connection: seq counts up without gaps across everything sent from the outbox
     seqs = sorted(m.payload["seq"] for m in control_room.messages if m.kind in ("result", "alert", "event", "health"))
     assert seqs == list(range(1, len(seqs) + 1))

@@ -24,6 +24,7 @@ from appliance.reporting.payloads import (
     CommandError,
     EventPayload,
     HealthPayload,
+    LabelCommand,
     ModeCommand,
     RebirthCommand,
     ResultPayload,
@@ -55,13 +56,15 @@ def sample_messages() -> list[BaseModel]:
                       defects=2, verdicts={"pass": 8, "fail": 2}, dropped=1, throughput_per_s=3.2,
                       latency_p50_ms=10.0, latency_p99_ms=30.0, camera={"connected": True, "fps": 25.0},
                       gpu={"name": "Orin"}, spool_depth=4, spool_oldest_age_s=1.5, disk_free_mb=2048.0,
-                      last_error="camera timeout"),
+                      review={"queued": 3, "unlabelled": 1}, last_error="camera timeout"),
         ResultPayload.from_record(RECORD, "station-01"),
         AlertPayload(station="station-01", part_id="P-42", inspection_id="insp-0001", score=0.93, verdict="fail"),
         EventPayload(station="station-01", kind="outbox_overflow", detail={"shed": {"health": 3}}),
         TriggerCommand(part_id="P-42", message_id="abc"),
         ModeCommand(mode="shadow"),
         RebirthCommand(),
+        LabelCommand(inspection_id="insp-0001", verdict="fail", defect_type="crack", labeller="A. Inspector",
+                     message_id="l1"),
     ]
 
 
@@ -70,7 +73,7 @@ def test_every_message_round_trips_through_json(message: BaseModel) -> None:
     # given a message, when it is serialised and read back, then it is equal and still the current version
     again = type(message).model_validate_json(message.model_dump_json())
     assert again == message
-    assert again.schema_version == SCHEMA_VERSION == 2  # type: ignore[attr-defined]
+    assert again.schema_version == SCHEMA_VERSION == 3  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda m: type(m).__name__)
@@ -148,6 +151,8 @@ def test_parse_command_accepts_valid_commands() -> None:
     assert isinstance(mode, ModeCommand) and mode.mode == "production"
     # an empty payload (mosquitto_pub -n) is enough to ask for a rebirth
     assert isinstance(parse_command("cmd/rebirth", b""), RebirthCommand)
+    label = parse_command("cmd/label", b'{"inspection_id": "abc123", "verdict": "pass", "labeller": "jo"}')
+    assert isinstance(label, LabelCommand) and label.verdict == "pass" and label.defect_type is None
 
 
 @pytest.mark.parametrize(
@@ -161,6 +166,12 @@ def test_parse_command_accepts_valid_commands() -> None:
         ("cmd/mode", b"\xff\xfe", "(payload)", "not UTF-8"),
         ("cmd/mode", b'["production"]', "(payload)", "JSON object"),
         ("cmd/reboot", b"{}", "(topic)", "not a command kind"),
+        ("cmd/label", b'{"inspection_id": "i1", "verdict": "ok", "labeller": "jo"}', "verdict", "'pass' or 'fail'"),
+        ("cmd/label", b'{"inspection_id": "i1", "verdict": "fail"}', "labeller", "required field missing"),
+        ("cmd/label", b'{"inspection_id": "i1", "verdict": "fail", "labeller": "  "}', "labeller", "pattern"),
+        ("cmd/label", b'{"inspection_id": "i/1", "verdict": "fail", "labeller": "jo"}', "inspection_id", "pattern"),
+        ("cmd/label", b'{"inspection_id": "i1", "verdict": "fail", "labeller": "jo", "defect_type": "a/b"}',
+         "defect_type", "pattern"),
     ],
 )
 def test_parse_command_error_names_field_and_reason(kind: str, payload: bytes, field: str, reason: str) -> None:

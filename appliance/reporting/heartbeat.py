@@ -1,7 +1,8 @@
 """The station's heartbeat and what a monitor thread sees between parts.
 
 Every `mqtt.heartbeat_s` (the first at once) a `health` message, built from the pipeline's typed status, the
-MQTT link's state, the storage watch and the fan-out's sink errors. Between heartbeats the monitor turns what
+MQTT link's state, the storage watch, the fan-out's sink errors and the review queue's summary (a callable the
+runtime passes in: reporting does not import review). Between heartbeats the monitor turns what
 it observes into events: a live camera lost or back (the reconnect counter catches an outage shorter than
 one look), and the outbox shedding messages (overflow).
 """
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from appliance.inference.device_health import gpu_health
 from appliance.reporting.mqtt_link import MqttLink
@@ -43,6 +45,7 @@ class HeartbeatMonitor:
         on_event: EventSink,
         failures: FailureLatch,
         sink_errors: Callable[[], dict[str, int]] = dict,
+        review: Callable[[], dict[str, Any]] | None = None,
         configured_backend: str = "auto",
         heartbeat_s: float = 10.0,
         data_dir: Path = Path("."),
@@ -56,6 +59,7 @@ class HeartbeatMonitor:
         self._on_event = on_event
         self._failures = failures
         self._sink_errors = sink_errors
+        self._review = review
         self._configured_backend = configured_backend
         self._heartbeat_s = heartbeat_s
         self._data_dir = data_dir
@@ -110,8 +114,19 @@ class HeartbeatMonitor:
             mqtt=link.as_dict(),
             storage=storage,
             sinks=self._sink_errors(),
+            review=self._review_summary(),
             last_error=errors[0] if errors else None,
         )
+
+    def _review_summary(self) -> dict[str, Any] | None:
+        """The review queue's summary; a failure to make it is reported in it, never a heartbeat lost."""
+        if self._review is None:
+            return None
+        try:
+            return self._review()
+        except Exception as exc:
+            log.exception("review summary for the heartbeat failed")
+            return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
     def beat(self) -> None:
         """One heartbeat now."""

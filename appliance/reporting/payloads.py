@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from appliance.station.inspection import InspectionRecord
 
-SCHEMA_VERSION = 2  # 2: health.storage
+SCHEMA_VERSION = 3  # 2: health.storage; 3: health.review, cmd/label
 
 # The same rule as the station ids in settings.py: they become topic levels, so no '/', '+' or '#'.
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -38,9 +38,16 @@ PART_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
 VerdictName = Literal["pass", "fail", "manual_required", "error"]
 ModeName = Literal["production", "shadow", "manual_fallback"]
+LabelVerdict = Literal["pass", "fail"]
+LabelSource = Literal["cli", "mqtt", "http"]
+# A label's defect type ("crack", "missing_pin"): it may become a folder or file name in an export.
+DEFECT_TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Who labelled: a name or badge id as the plant writes it (printable, checked by parse_command), not blank.
+LABELLER_PATTERN = r"\S"
+LABELLER_MAX_CHARS = 64
 
 PUBLISHED_KINDS: frozenset[str] = frozenset({"status", "birth", "health", "result", "alert", "event"})
-COMMAND_KINDS: frozenset[str] = frozenset({"cmd/trigger", "cmd/mode", "cmd/rebirth"})
+COMMAND_KINDS: frozenset[str] = frozenset({"cmd/trigger", "cmd/mode", "cmd/rebirth", "cmd/label"})
 KINDS: frozenset[str] = PUBLISHED_KINDS | COMMAND_KINDS
 
 
@@ -124,6 +131,10 @@ class HealthPayload(_Published):
     queues: dict[str, int] = Field(default_factory=dict)
     # Calls that raised, by sink name, since start (reporting.fanout): 0 for a healthy sink.
     sinks: dict[str, int] = Field(default_factory=dict)
+    # The review queue and its labels (appliance.review: queued, unlabelled, labelled, bytes, pending, refused,
+    # evicted_unreviewed, the confusion matrix, detection and false-positive rate with Wilson intervals);
+    # None on a station without a review queue (review.enabled = false).
+    review: dict[str, Any] | None = None
     last_error: str | None = None
 
     @field_validator("latency_p50_ms", "latency_p99_ms", "spool_oldest_age_s", "disk_free_mb", mode="before")
@@ -215,6 +226,19 @@ class RebirthCommand(_Command):
     """Re-send the birth message (a dashboard that started after the station asks for it)."""
 
 
+class LabelCommand(_Command):
+    """An inspector's label for a part in the station's review queue: `pass` (good) or `fail` (defective).
+
+    The label is the truth the model is measured against (appliance.review); a later label for the same
+    inspection wins, the earlier ones are kept. An inspection id that is not in the review queue is rejected.
+    """
+
+    inspection_id: str = Field(pattern=PART_ID_PATTERN)
+    verdict: LabelVerdict
+    defect_type: str | None = Field(None, pattern=DEFECT_TYPE_PATTERN)
+    labeller: str = Field(min_length=1, max_length=LABELLER_MAX_CHARS, pattern=LABELLER_PATTERN)
+
+
 PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
     "status": StatusPayload,
     "birth": BirthPayload,
@@ -225,11 +249,13 @@ PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
     "cmd/trigger": TriggerCommand,
     "cmd/mode": ModeCommand,
     "cmd/rebirth": RebirthCommand,
+    "cmd/label": LabelCommand,
 }
 COMMAND_MODELS: dict[str, type[_Command]] = {
     "cmd/trigger": TriggerCommand,
     "cmd/mode": ModeCommand,
     "cmd/rebirth": RebirthCommand,
+    "cmd/label": LabelCommand,
 }
 
 
@@ -434,7 +460,7 @@ def _short_int(text: str) -> int:
 
 
 def parse_command(kind: str, payload: bytes, *, max_bytes: int = DEFAULT_MAX_COMMAND_BYTES,
-                  ) -> TriggerCommand | ModeCommand | RebirthCommand:
+                  ) -> TriggerCommand | ModeCommand | RebirthCommand | LabelCommand:
     """Validate a received command; CommandError (a ValueError) names the field and the reason.
 
     Whatever the payload (too big, not UTF-8, not JSON, nested past the recursion limit, a field given twice,

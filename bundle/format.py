@@ -6,7 +6,10 @@ Layout (names fixed so engines/ and the runtime find them):
     model_fp32.onnx      FP32 ONNX (ONNX Runtime on CPU; weakly typed TensorRT FP16/FP32 builds)
     model_fp16.onnx      FP16 weights, FP32 inputs/outputs (strongly typed TensorRT FP16 builds)
     model_int8_qdq.onnx  explicit INT8 quantization, symmetric Q/DQ (TensorRT INT8 builds)
-    golden.npz           golden inputs and ONNX Runtime reference logits, for engine validation
+    golden.npz           golden inputs and ONNX Runtime reference logits (and defect maps), for engine validation
+
+The models' outputs (`BundleMetadata.outputs`): `logits` (N, 2) first, then, from schema version 3,
+`defect_map` (N, h, w) float32: the class activation map of Zhou et al. 2016 (see DEFECT_MAP_NAME).
 
 The runtime only reads bundles; export/ writes them.
 """
@@ -25,10 +28,19 @@ from bundle.preprocess import PreprocessSpec
 
 METADATA_FILE = "metadata.json"
 # 2: decision_by_precision. Version 1 bundles still load (their one operating point serves every precision).
-BUNDLE_SCHEMA_VERSION = 2
+# 3: outputs (the defect map beside the logits). Older bundles still load: their models output logits only.
+BUNDLE_SCHEMA_VERSION = 3
 CLASS_NAMES = ("no_defect", "defect")
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+# The second output of bundles from schema version 3: where the model looked, as a class activation map
+# (Zhou et al. 2016, "Learning Deep Features for Discriminative Localization", CVPR): the classifier head
+# applied to the last feature maps before pooling, as the defect-vs-ok logit difference per location,
+#   defect_map[n, y, x] = sum_c (W[defect, c] - W[ok, c]) * F[n, c, y, x] + (b[defect] - b[ok]),
+# (N, h, w) float32 at the feature maps' resolution (input / 32: 7x7 for 224 px). With the bias difference
+# included, the map's spatial mean is exactly the logit difference the part is judged on (export/onnx_export.py).
+DEFECT_MAP_NAME = "defect_map"
+BATCH_AXIS = "batch"
 
 ModelRole = Literal["onnx_fp32", "onnx_fp16", "onnx_int8", "golden"]
 ROLE_FILES: dict[str, str] = {
@@ -68,6 +80,24 @@ class DecisionDefaults(BaseModel):
         return self
 
 
+class TensorSpec(BaseModel):
+    """One model output as the bundle's ONNX files declare it: name, shape ("batch" for the dynamic axis), dtype."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    shape: tuple[int | Literal["batch"], ...] = Field(min_length=1)
+    dtype: Literal["float32"] = "float32"
+
+
+def logits_spec(classes: int = len(CLASS_NAMES)) -> TensorSpec:
+    return TensorSpec(name=OUTPUT_NAME, shape=(BATCH_AXIS, classes))
+
+
+def defect_map_spec(height: int, width: int) -> TensorSpec:
+    return TensorSpec(name=DEFECT_MAP_NAME, shape=(BATCH_AXIS, height, width))
+
+
 class BundleMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,6 +107,9 @@ class BundleMetadata(BaseModel):
     backbone: str
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
+    # Every output of the ONNX models, in order: the logits first (`output_name`), then the defect map where the
+    # model has one. Left out (bundles before schema version 3): the logits alone.
+    outputs: tuple[TensorSpec, ...] = Field(default_factory=lambda: (logits_spec(),), min_length=1)
     class_names: tuple[str, ...] = CLASS_NAMES
     defect_index: int = 1
     preprocess: PreprocessSpec
@@ -92,9 +125,23 @@ class BundleMetadata(BaseModel):
     export: dict[str, object] = Field(default_factory=dict)
     files: dict[str, BundleFile] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _logits_first(self) -> BundleMetadata:
+        if self.outputs[0].name != self.output_name:
+            raise ValueError(f"the first output must be the logits, {self.output_name!r}, not {self.outputs[0].name!r}")
+        names = [o.name for o in self.outputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"output names repeat: {names}")
+        return self
+
     def decision_for(self, precision: str) -> DecisionDefaults:
         """The operating point for engines of `precision` ("fp32", "fp16", "int8")."""
         return self.decision_by_precision.get(precision, self.decision)  # type: ignore[arg-type]
+
+    @property
+    def defect_map(self) -> TensorSpec | None:
+        """The defect map output, or None for a model without one (bundles before schema version 3)."""
+        return next((o for o in self.outputs if o.name == DEFECT_MAP_NAME), None)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -11,10 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from bundle.errors import BundleError
+from bundle.format import DEFECT_MAP_NAME
 
 
 class OnnxRuntimeBackend:
-    """One ONNX model in an ONNX Runtime CPU session; `infer` maps (N, C, H, W) float32 to logits."""
+    """One ONNX model in an ONNX Runtime CPU session; `infer` maps (N, C, H, W) float32 to logits.
+
+    A model with a `defect_map` output (bundles from schema version 3) also gives its defect map through
+    `infer_with_map` and `run_with_map`; for an older model those give None in its place. `infer` and `run` ask
+    ONNX Runtime for the logits alone.
+    """
 
     name = "onnxruntime"
 
@@ -40,7 +46,11 @@ class OnnxRuntimeBackend:
             raise BundleError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        self.output_name = self.session.get_outputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = outputs[0]
+        # The map's output name, when the model has it: then one session.run fetches both.
+        self.defect_map_name = DEFECT_MAP_NAME if DEFECT_MAP_NAME in outputs[1:] else None
+        self._with_map = [self.output_name, DEFECT_MAP_NAME] if self.defect_map_name else [self.output_name]
         self.model_path = Path(model_path)
         self.model_id = model_id or self.model_path.name
         # (C, H, W) from the graph; the batch axis is dynamic.
@@ -54,9 +64,21 @@ class OnnxRuntimeBackend:
     def run(self, slot: int) -> np.ndarray:
         return self.infer(self._buffers[slot])
 
+    def run_with_map(self, slot: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (1, 2) and defect map (1, h, w) of the frame in `slot`; None for the map of a model without one."""
+        return self.infer_with_map(self._buffers[slot])
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a batch of preprocessed frames."""
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def infer_with_map(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (N, 2), defect maps (N, h, w) float32 or None) for a batch, from one pass of the model.
+
+        Both are ONNX Runtime's own fresh arrays: nothing is copied, the caller may keep them.
+        """
+        out = self.session.run(self._with_map, {self.input_name: batch})
+        return out[0], (out[1] if len(out) > 1 else None)
 
     def close(self) -> None:
         self.session = None

@@ -4,7 +4,9 @@ TensorRT takes only symmetric quantization (every zero point 0), so activations 
 symmetric INT8, weights per output channel. Following NVIDIA's ModelOpt recipe, only convolutions are
 quantized (TensorRT fuses the rest around them), biases stay float, and the Linear(1280, 2) head stays
 float: it is tiny, and at batch 1 its matmul has a dimension of 1, where INT8 gains nothing and costs
-accuracy. Calibration images go through exactly the runtime preprocessing.
+accuracy. So does the defect map's MatMul (the same head weights at every location, export/onnx_export.py):
+every Gemm and MatMul is left float, and only convolutions are counted. Calibration images go through
+exactly the runtime preprocessing.
 
 The first few convolutions stay float too (FLOAT_CONVS, in graph order): on ELPV the per-tensor INT8
 activations of the stem and the first two blocks, at full resolution and with few channels, cost the
@@ -80,7 +82,7 @@ def quantize_int8(
         frames = [frames[i] for i in keep]
     model = onnx.load(str(fp32_path))
     input_name = model.graph.input[0].name
-    head = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    head = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]  # logits and defect map
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     if not 0 <= float_convs < len(convs):
         raise BundleError(f"float_convs {float_convs}: {fp32_path} has {len(convs)} convolutions; keep 0 to "

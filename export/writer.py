@@ -20,8 +20,10 @@ from bundle.format import (
     ROLE_FILES,
     BundleMetadata,
     DecisionDefaults,
+    defect_map_spec,
     describe_file,
     load_bundle,
+    logits_spec,
     write_metadata,
 )
 from bundle.onnx_runtime import OnnxRuntimeBackend
@@ -67,7 +69,7 @@ def build_bundle(
     from tqdm import tqdm
 
     from export.fp16 import convert_fp16
-    from export.onnx_export import export_onnx, parity
+    from export.onnx_export import MAP_RELATIVE, check_map, export_onnx, map_parity, parity
     from training.model import build_model
     from training.trainer import TrainConfig, load_checkpoint, load_samples, split_samples
 
@@ -103,9 +105,11 @@ def build_bundle(
         golden = _pick(splits["test"], golden_images, seed=cfg.seed)
         golden_inputs = preprocess_batch([s.image for s in golden], spec)
         parity_diff = parity(model, fp32, golden_inputs)
+        parity_map_diff = map_parity(model, fp32, golden_inputs)
         step("parity")
         export_info: dict[str, object] = {
             "opset": 17, "parity_max_abs_logit_diff": parity_diff, "parity_images": len(golden),
+            "parity_max_map_diff": parity_map_diff,
         }
         if int8:
             calib = _pick(splits["train"], calibration_images, seed=cfg.seed + 7)
@@ -162,9 +166,19 @@ def build_bundle(
             "inputs": golden_inputs, "labels": np.array([s.label for s in golden]),
             "names": np.array([s.name for s in golden]),
         }
+        # The reference outputs of every precision, logits and defect maps; the reduced precisions' maps are
+        # checked against FP32's here (export/onnx_export.py, MAP_RELATIVE), their logits by the metrics above.
         for p, backend in backends.items():
-            golden_arrays[f"logits_{p}"] = backend.infer(golden_inputs)
+            logits, defect_map = backend.infer_with_map(golden_inputs)
+            if defect_map is None:
+                raise BundleError(f"{p} ONNX model {backend.model_path} has no defect map output")
+            if p != "fp32":
+                what = f"{p} ONNX model {backend.model_path}"
+                reference = golden_arrays["defect_map_fp32"]
+                export_info[f"{p}_max_map_diff_vs_fp32"] = check_map(reference, defect_map, MAP_RELATIVE[p], what)
+            golden_arrays[f"logits_{p}"], golden_arrays[f"defect_map_{p}"] = logits, defect_map
         np.savez_compressed(tmp / ROLE_FILES["golden"], **golden_arrays)
+        map_height, map_width = golden_arrays["defect_map_fp32"].shape[1:]
 
         files = {role: describe_file(tmp, fname) for role, fname in ROLE_FILES.items() if (tmp / fname).exists()}
         export_info["duration_s"] = round(time.time() - started, 1)
@@ -172,6 +186,7 @@ def build_bundle(
             name=name or run_dir.name,
             created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             backbone=cfg.backbone, class_names=CLASS_NAMES, preprocess=spec, decision=decision,
+            outputs=(logits_spec(len(CLASS_NAMES)), defect_map_spec(map_height, map_width)),
             decision_by_precision=decision_by_precision,
             training=dict(final["training"]), metrics=metrics, export=export_info, files=files,
         )

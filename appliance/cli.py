@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest image accepted, width x height read from the file header before decoding, "
                    "as camera.max_pixels (default 50000000)")
     p.set_defaults(func=_cmd_classify)
+
+    from appliance.review.cli import add_parser as add_review_parser
+
+    add_review_parser(sub)  # appliance review list | label | stats | promotion | export
     return parser
 
 

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from appliance.camera import FrameSource, open_source
 from appliance.inference.backend import BackendRequest
@@ -39,6 +40,9 @@ from appliance.threads import EXIT_CUDA_FATAL, EXIT_THREAD_FAILED, FailureLatch,
 from bundle.decision import Mode, OperatingPoint
 from bundle.errors import ConfigError
 from bundle.format import Bundle, load_bundle
+
+if TYPE_CHECKING:
+    from appliance.http import HttpApi
 
 log = logging.getLogger("appliance")
 SLOTS = 3  # two for double buffering between preprocess and inference, one spare for the inference thread
@@ -124,14 +128,19 @@ class Station:
     heartbeat: HeartbeatMonitor | None = None
     commands: CommandHandler | None = None
     presence: Presence | None = None
+    http: HttpApi | None = None  # the HTTP API (http.enabled)
     extra_sinks: list[Sink] = field(default_factory=list)
     review: ReviewSink | None = None  # the review queue (review.enabled)
 
     def start(self) -> None:
         """Connect (in the background: until then everything waits in the outbox), then start inspecting."""
+        if self.http is not None:
+            self.http.server.bind()  # a taken port is a ConfigError before anything starts
         self.start_reporting()
         self.pipeline.start()
         self.backend_started()
+        if self.http is not None:
+            self.http.server.start()
 
     def start_reporting(self) -> None:
         if self.link is not None and self.heartbeat is not None:
@@ -142,6 +151,12 @@ class Station:
         """The pipeline's backend is up: a birth that went out saying `starting` is sent again naming it."""
         if self.presence is not None and self.link is not None and self.presence.backend_started():
             self.link.request_rebirth()
+
+    def stop_http(self) -> None:
+        """Stop serving HTTP: after the pipeline finished (the last uploads have their verdicts), before the
+        stores close."""
+        if self.http is not None:
+            self.http.server.stop()
 
     def failure(self) -> ThreadFailure | None:
         """The first station thread that died (pipeline stage, MQTT link or monitor, store writer), if any."""
@@ -160,6 +175,7 @@ class Station:
 
     def close(self, timeout: float = 10.0) -> bool:
         """Write what the writers still hold (bounded), then close the files. True when nothing was left."""
+        self.stop_http()
         written = self.storage.close(timeout)
         if self.outbox is not None:
             self.outbox.close()
@@ -232,6 +248,13 @@ def build_station(settings: StationSettings, source: FrameSource | None = None, 
     if review is not None:
         fanout.add(review)
         writers.append(review.writer)
+    if settings.http.enabled:
+        from appliance.http import build_http  # FastAPI is loaded only by a station that serves HTTP
+
+        link = station.link
+        station.http = build_http(settings, pipeline, results.path, on_event=fanout.event, on_failure=failures,
+                                  link_state=link.state if link is not None else None, sink_errors=fanout.errors)
+        fanout.add(station.http.waiters)
     station.storage.writers = writers
     for sink in sinks or []:
         fanout.add(sink)
@@ -291,6 +314,7 @@ def run(settings: StationSettings, max_seconds: float | None = None, trigger_std
     join_s = 60.0 if failure is None else 10.0
     if not pipeline.join(join_s):
         log.error("the pipeline did not finish within %.0f s of the stop", join_s)
+    station.stop_http()
     if watchdog is not None:
         watchdog.stop()
     failure = failure or station.failure()

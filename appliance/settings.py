@@ -209,6 +209,35 @@ class ReviewSection(_Section):
     promotion: PromotionSection = PromotionSection()
 
 
+class HttpTokensSection(_Section):
+    """One bearer token per role (README, "The station's HTTP API"), each in the file or, better, in a file of
+    its own (`*_file`, e.g. a systemd credential; used when the token itself is not set). A role without a token
+    cannot be used. line_pc: POST /inspect, GET /health; inspector: also GET /results; admin: everything."""
+
+    line_pc: SecretStr | None = None
+    line_pc_file: Path | None = None
+    inspector: SecretStr | None = None
+    inspector_file: Path | None = None
+    admin: SecretStr | None = None
+    admin_file: Path | None = None
+
+
+class HttpSection(_Section):
+    # The station's HTTP API (appliance/http/), started by `appliance run`. Without any token it starts only on a
+    # loopback address (and then every local client has every role).
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)  # 0: a free port chosen at start (tests)
+    # A request body (the whole multipart upload) larger than this is refused with 413 while it is read.
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # The whole body must arrive within this (a client that stalls gets 408), and the verdict within this (504).
+    upload_timeout_s: float = Field(30.0, gt=0, le=600)
+    inspect_timeout_s: float = Field(10.0, gt=0, le=600)
+    # Open connections and requests at once; beyond it a request gets 503 at once (uvicorn limit_concurrency).
+    max_connections: int = Field(32, ge=2, le=1024)
+    tokens: HttpTokensSection = HttpTokensSection()
+
+
 class StationSettings(BaseSettings):
     """Everything a station is configured with."""
 
@@ -226,6 +255,7 @@ class StationSettings(BaseSettings):
     watchdog: WatchdogSection = WatchdogSection()
     storage: StorageSection = StorageSection()
     review: ReviewSection = ReviewSection()
+    http: HttpSection = HttpSection()
 
     @classmethod
     def settings_customise_sources(
@@ -266,7 +296,7 @@ def format_validation_errors(exc: ValidationError, source: str) -> list[str]:
         shown = "<missing>" if err["type"] == "missing" else repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        if "password" in key and err["type"] != "missing":
+        if ("password" in key or "token" in key) and err["type"] != "missing":
             shown = "<hidden>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":

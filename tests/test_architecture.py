@@ -38,6 +38,7 @@ APPLIANCE_LAYERS: list[set[str]] = [
     {"appliance.station"},
     {"appliance.reporting"},
     {"appliance.review"},
+    {"appliance.http"},
     {"appliance.runtime", "appliance.doctor", "appliance.cli"},
 ]
 

@@ -17,6 +17,7 @@ In order, each step bounded before the next one runs:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import tempfile
@@ -37,6 +38,9 @@ PART_ID_FIELD = "part_id"
 MAX_PARTS = 4  # image, part_id, and a little room for clients that add a field of their own
 MAX_FIELD_BYTES = 1024  # a form field other than the image (the part id is at most 128 characters)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+# python-multipart logs a warning for every malformed body it skips; the client gets the reason (422) instead,
+# and a scanner must not fill the journal.
+logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
 
 
 class UploadError(Exception):

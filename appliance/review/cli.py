@@ -164,9 +164,9 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rate(name: str, rate: Rate | None, what: str) -> str:
+def _rate(name: str, rate: Rate | None, what: str, none: str) -> str:
     if rate is None:
-        return f"{name:20s} -      (no {what})"
+        return f"{name:20s} -      ({none})"
     return (f"{name:20s} {rate.value:.3f} [{rate.low:.3f}, {rate.high:.3f}]  ({rate.successes} of {rate.n} "
             f"{what})")
 
@@ -176,10 +176,12 @@ def _print_stats(stats: LabelStats) -> None:
     print(f"labelled {stats.labelled} ({stats.with_ai_verdict} with an AI verdict, {stats.without_ai_verdict} "
           f"without); confidence {stats.confidence}")
     print(f"confusion (AI vs person; fail = defect)   TP {c.tp}  FN {c.fn}  FP {c.fp}  TN {c.tn}")
-    print(_rate("detection rate", stats.detection_rate, "defects caught"))
-    print(_rate("false-positive rate", stats.false_positive_rate, "good parts failed"))
-    print(_rate("agreement", stats.agreement, "agree"))
-    print(_rate("shadow agreement", stats.shadow_agreement, "shadow-mode parts agree"))
+    print(_rate("detection rate", stats.detection_rate, "defects caught", "no defect labelled with an AI verdict"))
+    print(_rate("false-positive rate", stats.false_positive_rate, "good parts failed",
+                "no good part labelled with an AI verdict"))
+    print(_rate("agreement", stats.agreement, "agree", "no label with an AI verdict"))
+    print(_rate("shadow agreement", stats.shadow_agreement, "shadow-mode parts agree",
+                "no shadow-mode part labelled with an AI verdict"))
     if stats.models:
         print("models " + ", ".join(f"{m} ({n})" for m, n in sorted(stats.models.items())))
 

@@ -175,7 +175,8 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <token
 def require(role: str) -> Any:
     """A route dependency: the caller's role when it has `role`'s rights; 401 / 403 otherwise (and counted)."""
 
-    def check(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    # async: on the event loop (a few constant-time compares), not a worker thread per request
+    async def check(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
         api = _station(request)
         method, path = request.method, request.url.path
         try:
@@ -259,7 +260,8 @@ def create_app(station: StationApi | None, routers: Sequence[APIRouter] = ()) ->
 
     @app.get("/health", response_model=Health, responses=_errors(401, 403),
              summary="The station's state (role line_pc)")
-    def health(request: Request, _role: str = require("line_pc")) -> Health:
+    async def health(request: Request, _role: str = require("line_pc")) -> Health:
+        # On the event loop, where the upload counters change: status() and the link state only take short locks.
         api = _station(request)
         status = api.pipeline.status()
         return Health(
@@ -267,7 +269,7 @@ def create_app(station: StationApi | None, routers: Sequence[APIRouter] = ()) ->
             mqtt=api.link_state() if api.link_state is not None else None, sinks=api.sink_errors(),
             http=HttpStats(uploads_in_flight=api.uploads_in_flight, waiting_for_verdict=api.waiters.waiting,
                            inspect=dict(api.counts),
-                           auth_failures={str(k): v for k, v in api.auth.failures.items()}),
+                           auth_failures=api.auth.counts()),
             version=__version__,
         )
 

@@ -122,6 +122,11 @@ class Authenticator:
             raise AuthFailure(401, "unknown token")
         return found
 
+    def counts(self) -> dict[str, int]:
+        """Failures since start by status ("401", "403")."""
+        with self._lock:
+            return {str(status): n for status, n in self.failures.items()}
+
     @staticmethod
     def allows(role: str, needed: str) -> bool:
         return ROLES.index(role) >= ROLES.index(needed)
@@ -144,11 +149,12 @@ class Authenticator:
                 return
             since = total - self._total_at_report
             self._reported_at, self._total_at_report = now, total
-            counts = {str(status): n for status, n in self.failures.items()}
+        counts = self.counts()
         detail = {"status": failure.status, "reason": failure.reason, "method": method, "path": path[:200],
                   "client": client or "", "failures": counts, "since_last_report": since,
                   "report_every_s": self.report_every_s}
-        log.warning("HTTP %d for %s %s from %s: %s (%d failure(s) since the last report)", failure.status,
+        # %r: the path is the client's text, decoded (a newline in it must not forge a journal line)
+        log.warning("HTTP %d for %s %r from %s: %s (%d failure(s) since the last report)", failure.status,
                     method, path[:200], client, failure.reason, since)
         if self._on_event is not None:
             self._on_event("http_auth_failed", detail)

@@ -116,6 +116,9 @@ class Doctor:
 
         started = time.monotonic()
         source = open_source(self.settings.camera)
+        if source.state().kind == "none":
+            source.close()
+            return "SKIP", "camera.source = none: no camera, parts come only as uploads (POST /inspect)"
         try:
             deadline = started + self.camera_timeout_s
             while time.monotonic() < deadline:

@@ -126,3 +126,9 @@ def test_camera_bundle_and_disk_failures_name_the_cause(tmp_path: Path, bundle_d
     assert empty.outcome == "FAIL"
     table = format_table(list(checks.values()))
     assert table.splitlines()[0].startswith("check") and "check(s) failed" in table
+
+
+def test_a_station_without_a_camera_skips_the_camera_check_saying_why(tmp_path: Path, bundle_dir: Path):
+    checks = _by_name(Doctor(station_settings(tmp_path, bundle_dir, station_id="st-doc", source="none"),
+                             camera_timeout_s=1.0).checks())
+    assert checks["camera"].outcome == "SKIP" and "uploads" in checks["camera"].detail

@@ -49,8 +49,9 @@ RESOLVERS: tuple[Resolver, ...] = (
 # unknown source; both are CameraErrors raised by open_source after the loop.
 
 _EXPECTED = (
-    'expected "synthetic" or "synthetic:N", a device index ("0") or /dev/videoN, an existing video file, '
-    "an image folder or glob pattern, an rtsp:// or http(s):// URL, or a GStreamer pipeline ending in appsink"
+    'expected "none" (uploads only), "synthetic" or "synthetic:N", a device index ("0") or /dev/videoN, '
+    "an existing video file, an image folder or glob pattern, an rtsp:// or http(s):// URL, "
+    "or a GStreamer pipeline ending in appsink"
 )
 
 

@@ -50,7 +50,7 @@ $(VENV)/.stamp-bench: $(VENV)/.stamp-base
 
 # Debian packages: Mosquitto for the MQTT tests and the demo broker (never for the station itself, which
 # talks to the plant's broker), openssl for the TLS tests' certificates. Installed only when run as root.
-SYSTEM_PACKAGES := mosquitto mosquitto-clients openssl
+SYSTEM_PACKAGES := mosquitto mosquitto-clients openssl chromium chromium-driver
 .PHONY: system-packages
 system-packages:
 	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \

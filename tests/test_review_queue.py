@@ -21,11 +21,14 @@ import numpy as np
 import pytest
 
 from appliance.reporting.commands import UnknownInspection
+from appliance.reporting.recorder import StoreWriter
 from appliance.reporting.results_log import ResultsLog
+from appliance.reporting.storage_watch import StorageWatch
 from appliance.review.queue import DB_NAME, ReviewItem, ReviewStore
 from appliance.review.sink import ReviewSink, audit_selected, queue_reason
 from appliance.runtime import build_station
 from appliance.station.inspection import Evidence, InspectionRecord
+from appliance.station.modes import ModeControl
 from bundle.decision import Mode
 from tests.support.frames import part_image, write_frames
 from tests.support.settings import station_settings
@@ -141,6 +144,46 @@ def test_a_full_backlog_refuses_and_counts_without_blocking_and_keeps_order(tmp_
     assert [i.inspection_id for i in store.items()] == [f"insp-{i:04d}" for i in range(3)]
     assert sink.summary()["refused"] == 5
     store.close()
+
+
+def test_a_frame_the_encoder_refuses_is_queued_without_its_picture_not_retried_forever(tmp_path: Path):
+    store = ReviewStore(tmp_path / "review", open_now=False)
+    sink = ReviewSink(store, audit_rate=0.0)
+    sink.inspection(record(1, "manual_required"), Evidence.of(np.zeros((4, 4, 5), np.uint8),  # 5 channels
+                                                              np.array([["not a number"]], dtype=object)))
+    sink.inspection(record(2, "manual_required"), Evidence.of(part_image(2)))
+    assert sink.flush(10) and not sink.writer.faulted
+    first, second = store.items()
+    assert first.image_file is None and first.defect_map_file is None and first.bytes == 0
+    assert second.image_file is not None
+    store.close()
+
+
+def test_a_full_review_backlog_is_watched_but_never_makes_the_station_fail_safe(tmp_path: Path):
+    events: list[tuple[str, dict]] = []
+    modes = ModeControl(Mode.PRODUCTION, lambda kind, detail: events.append((kind, detail)))
+    store = ReviewStore(tmp_path / "review", open_now=False)
+    sink = ReviewSink(store, audit_rate=0.0, max_pending=1)
+    records: StoreWriter[int] = StoreWriter("results_log", tmp_path / "results", lambda items: None, max_pending=1)
+    watch = StorageWatch([records, sink.writer], modes, best_effort=[sink.writer])
+    other = sqlite3.connect(str(store.path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the review store cannot be written
+    try:
+        for i in range(3):
+            sink.inspection(record(i, "manual_required"), Evidence.of(part_image(i)))
+            watch.update()
+        assert wait_until(lambda: sink.writer.faulted, 10)
+        assert sink.writer.saturated and sink.writer.refused == 2
+        status = watch.status()
+        assert status["failsafe"] is False and status["unrecorded"] == 0 and status["pending"]["review"] == 1
+        assert [f["store"] for f in status["faults"]] == ["review"] and "review" in str(watch.error())
+        assert modes.current()[0] is Mode.PRODUCTION and not events
+        assert watch.flush_writers(0.5)  # the stop does not wait for the pictures before the outbox ...
+        assert watch.close(0.5)  # ... and what they leave behind is no lost record
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        store.close()
 
 
 def test_the_bytes_bound_evicts_labelled_items_first_then_unlabelled_ones_counted(tmp_path: Path):

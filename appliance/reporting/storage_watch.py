@@ -76,8 +76,12 @@ class StorageWatch:
         return _within(timeout, [w.flush for w in self._records()])
 
     def close(self, timeout: float = 10.0) -> bool:
-        """Flush (bounded) and stop the writers; True when nothing was left unwritten."""
-        return _within(timeout, [w.close for w in self.writers])
+        """Flush (bounded) and stop the writers, the best-effort ones last; True when no record was left unwritten
+        (what a best-effort writer leaves is logged by it, never called a lost record)."""
+        deadline = time.monotonic() + timeout
+        closed = [(w, w.close(max(0.0, deadline - time.monotonic())))
+                  for w in [*self._records(), *(w for w in self.writers if w in self.best_effort)]]
+        return all(done for w, done in closed if w not in self.best_effort)
 
     def update(self) -> None:
         """Hold or release the storage fallback as the writers' backlogs fill and drain."""

@@ -261,9 +261,14 @@ class ReviewStore(SqliteStore):
                 height, width = int(item.image.shape[0]), int(item.image.shape[1])
         if item.defect_map is not None:
             buf = io.BytesIO()
-            np.save(buf, np.asarray(item.defect_map, dtype=np.float32), allow_pickle=False)
-            defect_file = str(rel_dir / (stem + ".defect.npy"))
-            size += self._put(defect_file, buf.getvalue(), dirs)
+            try:
+                np.save(buf, np.asarray(item.defect_map, dtype=np.float32), allow_pickle=False)
+            except (TypeError, ValueError) as exc:  # the map's fault, never a storage fault to retry forever
+                log.error("review: the defect map of inspection %s cannot be stored (%s); queued without it",
+                          r.inspection_id, exc)
+            else:
+                defect_file = str(rel_dir / (stem + ".defect.npy"))
+                size += self._put(defect_file, buf.getvalue(), dirs)
         return (r.inspection_id, r.part_id, r.station_id, r.source_name, r.frame_index, r.captured_at, r.decided_at,
                 item.queued_at, time.time(), r.verdict, r.ai_verdict, r.score, r.mode, r.backend, r.model_id, r.reason,
                 item.reason, image_file, defect_file, width, height, size, None)
@@ -277,7 +282,7 @@ class ReviewStore(SqliteStore):
         why = "the encoder refused it"
         try:
             ok, encoded = cv2.imencode(_SUFFIX[self.image_format], np.ascontiguousarray(item.image), params)
-        except cv2.error as exc:
+        except (cv2.error, TypeError, ValueError) as exc:
             ok, why = False, " ".join(str(exc).split())[:200]
         if not ok:
             log.error("review: the frame of inspection %s (part %s, shape %s) cannot be encoded as %s (%s); queued "

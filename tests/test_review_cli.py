@@ -209,3 +209,22 @@ def test_export_leaves_out_evicted_pictures_and_counts_them(tmp_path: Path, queu
     assert "left out: 22 picture evicted" in capsys.readouterr().out
     assert json.loads((out / "provenance.json").read_text())["skipped"] == {"picture_evicted": 22}
     assert not any((out / "ok").iterdir()) and not any((out / "defect").iterdir())
+
+
+def test_the_review_settings_in_the_readme_are_the_defaults_and_bad_values_are_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    import tomllib
+
+    from appliance.settings import ReviewSection
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Station configuration", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    documented = tomllib.loads(block)["review"]
+    assert ReviewSection(**documented) == ReviewSection()
+    config = tmp_path / "bad.toml"
+    config.write_text('[review]\naudit_rate = 1.5\nimage_format = "gif"\n[review.promotion]\nconfidence = 1.0\n'
+                      '[mqtt]\nenabled = false\n')
+    assert main(["check-config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "review.audit_rate = 1.5" in err and "review.image_format = 'gif'" in err
+    assert "review.promotion.confidence = 1.0" in err

@@ -252,8 +252,14 @@ def build_station(settings: StationSettings, source: FrameSource | None = None, 
         from appliance.http import build_http  # FastAPI is loaded only by a station that serves HTTP
 
         link = station.link
+        routers = []
+        if review is not None:  # GET /review, /review/{id}/image, POST /labels, GET /stats, the inspector page
+            from appliance.http.review_routes import review_router
+
+            routers.append(review_router(review, config.spec))
         station.http = build_http(settings, pipeline, results.path, on_event=fanout.event, on_failure=failures,
-                                  link_state=link.state if link is not None else None, sink_errors=fanout.errors)
+                                  link_state=link.state if link is not None else None, sink_errors=fanout.errors,
+                                  routers=routers)
         fanout.add(station.http.waiters)
     station.storage.writers = writers
     for sink in sinks or []:

@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 
 from appliance.http.api import create_app
+from appliance.http.review_routes import review_router
 
 
 def schema_text() -> str:
-    """The schema as the file holds it: JSON, keys sorted, two-space indent, a final newline."""
-    return json.dumps(create_app(None).openapi(), indent=2, sort_keys=True) + "\n"
+    """The schema as the file holds it: JSON, keys sorted, two-space indent, a final newline. With the review
+    queue's routes (a station with `review.enabled = true`, the default, serves them)."""
+    return json.dumps(create_app(None, [review_router(None)]).openapi(), indent=2, sort_keys=True) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

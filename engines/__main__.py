@@ -57,7 +57,9 @@ def _validate_engine(engine: Path, bundle: Bundle, plan: BuildPlan, device: Devi
     try:
         def infer_one(x):
             backend.input_buffer(0)[...] = x
-            return backend.run(0).copy()
+            # Logits and defect map (None from an engine without one: a failure when the bundle's model has it),
+            # fresh arrays both.
+            return backend.run_with_map(0)
 
         return validate(infer_one, bundle, plan.precision)
     finally:

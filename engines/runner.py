@@ -10,6 +10,12 @@ context (engines.cuda_memory refuses CUDA work from any other thread). The prepr
 into `input_buffer(slot)` from its own thread: it is pinned host memory, filled in place.
 
 Everything is allocated once in the constructor; `run()` allocates nothing on the GPU or in pinned memory.
+
+Outputs: `logits` (1, classes), and `defect_map` (1, h, w) when the engine has it (built from a bundle of
+schema version 3, bundle/format.py). An engine must have an address for every I/O tensor before it runs, so
+the map is bound whenever it exists, and `run_with_map` copies it back on the same stream as the logits,
+before the one synchronize. Named tensors throughout: TensorRT 8.5/8.6 (JetPack 5.1/6.0) have the same
+calls (`num_io_tensors`, `get_tensor_mode`, `set_tensor_address`, `execute_async_v3`) as 10.x.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bundle.errors import GpuUnavailableError
+from bundle.format import DEFECT_MAP_NAME
 from engines.cuda_memory import (
     CudaContext,
     CudaFatalError,
@@ -82,7 +89,11 @@ class TensorRTBackend:
         self._d_input: DeviceBuffer | None = None
         self._h_output: PinnedHostBuffer | None = None
         self._d_output: DeviceBuffer | None = None
+        self._h_map: PinnedHostBuffer | None = None  # only for an engine with a defect map
+        self._d_map: DeviceBuffer | None = None
         self._stream: CudaStream | None = None
+        self.defect_map_name: str | None = None
+        self.defect_map_shape: tuple[int, ...] | None = None
 
         if device is None:
             device = device_info(device_index)
@@ -158,7 +169,7 @@ class TensorRTBackend:
                 f"TensorRT could not deserialize {self.engine_path}: {self._logger.last_error or 'no error logged'}",
                 hint=REBUILD,
             )
-        self.input_name, self.output_name = self._io_tensor_names(trt)
+        self.input_name, self.output_name, self.defect_map_name = self._io_tensor_names(trt)
         self.input_shape, dynamic_batch = self._input_shape(trt)
 
         self._exec = self._engine.create_execution_context()
@@ -180,6 +191,15 @@ class TensorRTBackend:
                 hint=REBUILD,
             )
         output_dtype = self._float_dtype(trt, self.output_name, allow_half=True)
+        if self.defect_map_name is not None:
+            self.defect_map_shape = tuple(int(d) for d in self._exec.get_tensor_shape(self.defect_map_name))
+            if len(self.defect_map_shape) != 3 or self.defect_map_shape[0] != 1 or min(self.defect_map_shape) < 1:
+                raise GpuUnavailableError(
+                    f"engine {self.engine_path} output {self.defect_map_name!r} has shape {self.defect_map_shape}, "
+                    "expected (1, height, width)",
+                    hint=REBUILD,
+                )
+            map_dtype = self._float_dtype(trt, self.defect_map_name, allow_half=True)
 
         # Allocated once, in this order; close() frees in the reverse one.
         for _ in range(self.slots):
@@ -187,28 +207,34 @@ class TensorRTBackend:
         self._d_input = DeviceBuffer(self._h_inputs[0].nbytes)
         self._h_output = PinnedHostBuffer(self.output_shape, output_dtype)
         self._d_output = DeviceBuffer(self._h_output.nbytes)
+        bindings = [(self.input_name, self._d_input), (self.output_name, self._d_output)]
+        if self.defect_map_name is not None and self.defect_map_shape is not None:
+            self._h_map = PinnedHostBuffer(self.defect_map_shape, map_dtype)
+            self._d_map = DeviceBuffer(self._h_map.nbytes)
+            bindings.append((self.defect_map_name, self._d_map))
         self._stream = CudaStream()
         # Every slot is copied into the same device input, so the addresses are bound once for good.
-        for tensor, buffer in ((self.input_name, self._d_input), (self.output_name, self._d_output)):
+        for tensor, buffer in bindings:
             if not self._exec.set_tensor_address(tensor, buffer.ptr):
                 raise GpuUnavailableError(
                     f"TensorRT refused the device address for {tensor!r}: {self._logger.last_error}"
                 )
 
-    def _io_tensor_names(self, trt: ModuleType) -> tuple[str, str]:
-        """(input, output) tensor names, which must be the manifest's and the only ones."""
+    def _io_tensor_names(self, trt: ModuleType) -> tuple[str, str, str | None]:
+        """(input, logits output, defect map output or None) tensor names: the manifest's input and output, and
+        the defect map beside them where the engine has one (bundles of schema version 3); nothing else."""
         engine = self._engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         expected_in, expected_out = self.manifest.input_name, self.manifest.output_name
-        if inputs != [expected_in] or outputs != [expected_out]:
+        if inputs != [expected_in] or sorted(outputs) not in ([expected_out], sorted([expected_out, DEFECT_MAP_NAME])):
             raise GpuUnavailableError(
                 f"engine {self.engine_path} has inputs {inputs} and outputs {outputs}; its manifest says "
-                f"{expected_in!r} -> {expected_out!r}",
+                f"{expected_in!r} -> {expected_out!r} (and optionally {DEFECT_MAP_NAME!r})",
                 hint=REBUILD,
             )
-        return expected_in, expected_out
+        return expected_in, expected_out, (DEFECT_MAP_NAME if DEFECT_MAP_NAME in outputs else None)
 
     def _input_shape(self, trt: ModuleType) -> tuple[tuple[int, int, int, int], bool]:
         """The (1, C, H, W) shape this backend feeds, and whether the engine's batch axis is dynamic."""
@@ -257,6 +283,21 @@ class TensorRTBackend:
 
     def run(self, slot: int) -> np.ndarray:
         """Logits (1, classes) float32 for the frame in `slot`: H2D, execute, D2H on one stream, then wait."""
+        self._execute(slot, with_map=False)
+        # A copy: the pinned output is overwritten by the next frame, the caller may keep this one.
+        return self._h_output.array.astype(np.float32, copy=True)  # type: ignore[union-attr]
+
+    def run_with_map(self, slot: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (1, classes) and defect map (1, h, w), float32, for the frame in `slot`; None in place of the
+        map for an engine without one. Both copied back on the stream before its one synchronize."""
+        self._execute(slot, with_map=True)
+        logits = self._h_output.array.astype(np.float32, copy=True)  # type: ignore[union-attr]
+        # A copy too (h*w floats, 196 bytes at 7x7): the pinned map is overwritten by the next frame.
+        defect_map = None if self._h_map is None else self._h_map.array.astype(np.float32, copy=True)
+        return logits, defect_map
+
+    def _execute(self, slot: int, with_map: bool) -> None:
+        """H2D of `slot`, execute, D2H of the logits (and of the map when asked and present), then wait."""
         host_input = self._input_slot(slot)
         with self._cuda.active():  # type: ignore[union-attr]  # _input_slot refused a closed backend
             copy_htod_async(self._d_input, host_input, self._stream)
@@ -269,9 +310,9 @@ class TensorRTBackend:
                                          hint="this process can no longer use the GPU: restart it")
                 raise GpuUnavailableError(message)
             copy_dtoh_async(self._h_output, self._d_output, self._stream)
+            if with_map and self._h_map is not None:
+                copy_dtoh_async(self._h_map, self._d_map, self._stream)
             self._stream.synchronize()
-        # A copy: the pinned output is overwritten by the next frame, the caller may keep this one.
-        return self._h_output.array.astype(np.float32, copy=True)
 
     def _input_slot(self, slot: int) -> PinnedHostBuffer:
         if self._cuda is None:
@@ -303,7 +344,8 @@ class TensorRTBackend:
                 # A run that failed half-way may still have copies queued on buffers about to be freed.
                 attempt("stream synchronize", self._stream.synchronize)
                 attempt("stream", self._stream.free)
-            for step, buffer in (("device output", self._d_output), ("pinned output", self._h_output),
+            for step, buffer in (("device map", self._d_map), ("pinned map", self._h_map),
+                                 ("device output", self._d_output), ("pinned output", self._h_output),
                                  ("device input", self._d_input)):
                 if buffer is not None:
                     attempt(step, buffer.free)

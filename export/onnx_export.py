@@ -73,31 +73,42 @@ class WithDefectMap(nn.Module):
         ok_index = 1 - self.defect_index
         weight = c.head.weight[self.defect_index] - c.head.weight[ok_index]  # (C,)
         bias = c.head.bias[self.defect_index] - c.head.bias[ok_index]
-        _, channels, h, w = features.shape
-        # (1, C) @ (N, C, h*w) -> (N, 1, h*w): one MatMul over the channels at every location.
-        cam = torch.matmul(weight.view(1, channels), features.flatten(2)) + bias
-        return logits, cam.view(-1, h, w)
+        # (N, h, w, C) @ (C, 1): one MatMul over the channels at every location; h and w stay static in the graph.
+        cam = torch.matmul(features.permute(0, 2, 3, 1), weight.view(-1, 1)).squeeze(-1) + bias
+        return logits, cam
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path, defect_index: int = 1) -> Path:
     """Write the FP32 ONNX graph (logits, defect_map) with a dynamic batch axis and validate it with onnx.checker."""
     import onnx
 
-    model = model.eval().cpu()
+    wrapper = WithDefectMap(model.eval().cpu(), defect_index).eval()
     dummy = torch.zeros(1, *input_shape)
+    with torch.no_grad():
+        shapes = [tuple(t.shape[1:]) for t in wrapper(dummy)]
     outputs = [OUTPUT_NAME, DEFECT_MAP_NAME]
     with warnings.catch_warnings():
         # The TorchScript exporter is chatty about constant folding of the static SAME padding.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            WithDefectMap(model, defect_index).eval(), (dummy,), str(path), input_names=[INPUT_NAME],
-            output_names=outputs, dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
+            wrapper, (dummy,), str(path), input_names=[INPUT_NAME], output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
+    graph_model = onnx.load(str(path))
+    # The exporter names the map's static axes after the nodes that made them (even "batch" for h): declare
+    # (batch, h, w) as they are, the shape TensorRT and the bundle metadata read.
+    for output, shape in zip(graph_model.graph.output, shapes, strict=True):
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        dims.add().dim_param = "batch"
+        for size in shape:
+            dims.add().dim_value = int(size)
     try:
-        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        onnx.checker.check_model(graph_model, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise BundleError(f"exported ONNX {path} fails onnx.checker: {exc}") from exc
+    onnx.save(graph_model, str(path))
     return path
 
 

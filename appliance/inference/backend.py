@@ -7,6 +7,10 @@ array on the way.
 
 Threading contract: a backend is created, used and closed on ONE thread (the inference thread), which
 owns any CUDA context. `input_buffer(slot)` arrays may be *written* from another thread, never resized.
+
+The defect map (where the model looked, bundle/format.py DEFECT_MAP_NAME) is optional twice over: a backend
+may offer it (`DefectMapBackend.run_with_map`, both registered backends do) and a model may have it (bundles
+from schema version 3). `run_slot` asks for it where it is offered and gives None otherwise.
 """
 
 from __future__ import annotations
@@ -37,6 +41,23 @@ class InferenceBackend(Protocol):
     def close(self) -> None:
         """Free every buffer, stream and context now (not at garbage collection)."""
         ...
+
+
+@runtime_checkable
+class DefectMapBackend(Protocol):
+    """A backend that can also give the model's defect map with the logits, from the same run."""
+
+    def run_with_map(self, slot: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (1, 2) and defect map (1, h, w) float32 for the frame in `slot`, fresh arrays the caller may
+        keep; None in place of the map when the model has none."""
+        ...
+
+
+def run_slot(backend: InferenceBackend, slot: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits and defect map of `slot` (run_with_map), or the logits and None from a backend without maps."""
+    if isinstance(backend, DefectMapBackend):
+        return backend.run_with_map(slot)
+    return backend.run(slot), None
 
 
 @dataclass(frozen=True)

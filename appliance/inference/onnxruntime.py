@@ -1,5 +1,6 @@
 """Backend `onnxruntime`: the bundle's FP32 ONNX model on the CPU (bundle.onnx_runtime), for stations without a
-usable GPU and as the TensorRT station's CPU fallback. Judged at the bundle's FP32 operating point."""
+usable GPU and as the TensorRT station's CPU fallback. Judged at the bundle's FP32 operating point. Gives the
+model's defect map with the logits (`run_with_map`) where the bundle's model has one (schema version 3)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from appliance.camera import CameraState, Frame
-from appliance.inference.backend import InferenceBackend
+from appliance.inference.backend import InferenceBackend, run_slot
 from appliance.inference.supervisor import BackendSupervisor
 from appliance.station.inspection import Evidence, InspectionRecord
 from appliance.station.modes import ModeControl
@@ -95,6 +95,9 @@ class Inspection:
     backend: str = "none"
     model_id: str = ""
     why_no_model: str = ""
+    # (h, w) float32 where the model looked: a view into the backend's own fresh output, not a copy; None while
+    # the backend or the model gives none.
+    defect_map: np.ndarray | None = None
 
 
 class SlotPool:
@@ -402,11 +405,12 @@ class Pipeline:
                 return
             try:
                 if insp.slot is not None and insp.slot[0] == sup.generation:
-                    logits = backend.run(insp.slot[1])
+                    logits, defect_map = run_slot(backend, insp.slot[1])
                 else:
                     # Preprocessed for a backend that is gone, or not at all (fallback): redo it here.
-                    logits = self._run_spare(backend, insp)
+                    logits, defect_map = self._run_spare(backend, insp)
                 insp.score = defect_score(logits, self.config.defect_index)
+                insp.defect_map = None if defect_map is None else defect_map[0]
                 insp.backend, insp.model_id = backend.name, backend.model_id
                 return
             except ApplianceError as exc:
@@ -425,7 +429,9 @@ class Pipeline:
                 insp.why_no_model = sup.why_no_model
                 return
             try:
-                insp.score = defect_score(self._run_spare(sup.backend, insp), self.config.defect_index)
+                logits, defect_map = self._run_spare(sup.backend, insp)
+                insp.score = defect_score(logits, self.config.defect_index)
+                insp.defect_map = None if defect_map is None else defect_map[0]
                 insp.backend, insp.model_id = sup.backend.name, sup.backend.model_id
             except Exception as exc2:
                 insp.why_no_model = f"CPU fallback failed too: {exc2}"
@@ -440,11 +446,11 @@ class Pipeline:
             self.fatal = self.last_error = sup.fatal
             self._stop.set()
 
-    def _run_spare(self, backend: InferenceBackend, insp: Inspection) -> np.ndarray:
-        """Preprocess into the backend's spare slot (reserved for this thread) and run it."""
+    def _run_spare(self, backend: InferenceBackend, insp: Inspection) -> tuple[np.ndarray, np.ndarray | None]:
+        """Preprocess into the backend's spare slot (reserved for this thread) and run it: logits, defect map."""
         spare = backend.slots - 1
         preprocess(insp.frame.image, self.config.spec, out=backend.input_buffer(spare)[0])
-        return backend.run(spare)
+        return run_slot(backend, spare)
 
     def _publish_backend(self, sup: BackendSupervisor) -> None:
         backend = sup.backend
@@ -496,7 +502,8 @@ class Pipeline:
         )
         self.stats.add(record)
         try:
-            self.sink.inspection(record, Evidence.of(insp.frame.image if insp.frame.error is None else None))
+            self.sink.inspection(record, Evidence.of(insp.frame.image if insp.frame.error is None else None,
+                                                     insp.defect_map))
         except Exception:  # a sink must never stop inspection (the fan-out isolates each; this is the last guard)
             log.exception("sink failed for part %s", insp.part_id)
 

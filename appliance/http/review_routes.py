@@ -61,7 +61,7 @@ OVERLAY_WAIT_S = 5.0
 STATIC = Path(__file__).resolve().parent / "static"
 # The inspector page's files: name -> media type (nothing else under static/ is served).
 PAGE_FILES = {"inspector.html": "text/html; charset=utf-8", "inspector.js": "text/javascript; charset=utf-8",
-              "inspector.css": "text/css; charset=utf-8"}
+              "inspector.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
 _PAGE_HEADERS = {
     # Only this station's own files; images are blob: URLs made from authenticated fetches.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "

@@ -78,6 +78,7 @@ class StoreWriter(Generic[T]):
         retry_max_s: float = RETRY_MAX_S,
         initial_error: str | None = None,
         dump: Callable[[T], str] = repr,
+        limit_setting: str = "storage.pending_max",
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
@@ -95,6 +96,7 @@ class StoreWriter(Generic[T]):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._dump = dump
+        self._limit_setting = limit_setting  # named in the refusal line: the setting that bounds this backlog
         self._fault_error: str | None = initial_error
         self._fault_since = time.time() if initial_error else 0.0
         self._announced = False  # storage_fault sent for the current fault
@@ -118,7 +120,7 @@ class StoreWriter(Generic[T]):
                     self._thread = start_guarded(f"writer-{self.store}", self._run, self._failed_thread)
                 self._cond.notify_all()
         if not accepted:  # outside the lock: the dump may be long
-            log.error("UNRECORDED (the %s backlog is full, storage.pending_max): %s", self.store, self._dump(item))
+            log.error("UNRECORDED (the %s backlog is full, %s): %s", self.store, self._limit_setting, self._dump(item))
         return accepted
 
     def fault(self) -> StoreFault | None:

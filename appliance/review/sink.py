@@ -89,7 +89,8 @@ class ReviewSink:
         self._announced: int | None = None  # the last label announced, as this process knows it
         self.writer: StoreWriter[ReviewItem] = StoreWriter(
             "review", store.path, self._write, max_pending=max_pending, on_event=on_event, notes=store.take_notes,
-            on_failure=on_failure, initial_error=store.open_error, dump=describe_item)
+            on_failure=on_failure, initial_error=store.open_error, dump=describe_item,
+            limit_setting="review.pending_max")
 
     @classmethod
     def open(cls, folder: Path, section: Any, *, on_event: EventSink | None = None,

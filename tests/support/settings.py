@@ -39,6 +39,8 @@ def station_settings(tmp_path: Path, bundle_dir: Path, port: int | None = None, 
         "trigger": trigger,
         "inference": {"backend": "onnxruntime", "threads": 1},
         "storage": {"data_dir": str(data_dir if data_dir is not None else tmp_path / f"var-{station_id}")},
+        # No random audit sample: a test's review queue holds exactly the parts its rules queue.
+        "review": {"audit_rate": 0.0},
         "mqtt": {"enabled": False} if port is None else {"enabled": True, "port": port, **TEST_MQTT},
     }
     for key, value in sections.items():

@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 from bundle.errors import EngineBuildError
+from bundle.format import DEFECT_MAP_NAME
 from engines.plan import BuildPlan
 
 log = logging.getLogger(__name__)
@@ -239,9 +240,11 @@ def build_serialized(plan: BuildPlan, onnx_path: Path, timing_cache: Path | None
             f"TensorRT {plan.tensorrt_version} cannot parse {onnx_path}:\n  " + "\n  ".join(errors or ["(no detail)"]),
             hint="re-export the bundle with this software (opset 17), or report the nodes above",
         )
-    if network.num_inputs != 1 or network.num_outputs != 1:
-        raise EngineBuildError(f"{onnx_path} has {network.num_inputs} inputs and {network.num_outputs} outputs; "
-                               "a bundle model has one of each")
+    # A bundle model has one input and the logits, plus (schema 3) the defect map as its second output.
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    if network.num_inputs != 1 or not (len(outputs) == 1 or (len(outputs) == 2 and outputs[1] == DEFECT_MAP_NAME)):
+        raise EngineBuildError(f"{onnx_path} has {network.num_inputs} inputs and outputs {outputs}; a bundle model "
+                               f"has one input and the logits, optionally followed by {DEFECT_MAP_NAME!r}")
     inp, out = network.get_input(0), network.get_output(0)
     shape = [int(d) for d in inp.shape]
 

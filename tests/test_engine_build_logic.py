@@ -69,7 +69,8 @@ class FakeTensorRT(types.SimpleNamespace):
     """The part of the tensorrt module build_serialized uses; knobs say how TensorRT answers."""
 
     def __init__(self, version: str = "10.3.0", *, accept_cache: bool = True, accept_fresh_cache: bool = True,
-                 give_cache: bool = True, engine_info: dict[str, Any] | None = None) -> None:
+                 give_cache: bool = True, engine_info: dict[str, Any] | None = None,
+                 outputs: tuple[str, ...] = ("logits",)) -> None:
         fake = self
         self.calls: list[tuple[Any, ...]] = []
         self.cache_file_bytes: list[bytes] = []
@@ -86,14 +87,15 @@ class FakeTensorRT(types.SimpleNamespace):
                 self.name, self.shape = name, shape
 
         class Network:
-            num_inputs = num_outputs = 1
+            num_inputs = 1
+            num_outputs = len(outputs)
             num_layers = len(NETWORK)
 
             def get_input(self, i: int) -> Tensor:
                 return Tensor("input", (-1, 3, 64, 64))
 
             def get_output(self, i: int) -> Tensor:
-                return Tensor("logits", (-1, 2))
+                return Tensor(outputs[i], (-1, 2) if i == 0 else (-1, 2, 2))
 
             def get_layer(self, i: int) -> types.SimpleNamespace:
                 return types.SimpleNamespace(name=NETWORK[i])
@@ -367,6 +369,18 @@ def test_a_gpu_build_neither_inspects_nor_sets_parser_flags(onnx: Path) -> None:
     assert built.dla_placement is None and not any(call[0] == "inspect" for call in trt.calls)
     assert ("create_network", 1 << Flag.EXPLICIT_BATCH) in trt.calls and trt.parser.flags == []
     assert trt.config.cleared == {"BuilderFlag.TF32"}
+
+
+def test_a_model_with_the_defect_map_builds_with_logits_as_the_engine_output(onnx: Path) -> None:
+    trt = FakeTensorRT(outputs=("logits", "defect_map"))
+    built = build_serialized(plan_build("10.3.0", BuildRequest("fp16")), onnx, None, trt=trt)
+    assert built.output_name == "logits"
+
+
+@pytest.mark.parametrize("outputs", [("logits", "heatmap"), ("logits", "defect_map", "extra"), ()])
+def test_any_other_set_of_outputs_is_refused_naming_them(onnx: Path, outputs: tuple[str, ...]) -> None:
+    with pytest.raises(EngineBuildError, match=r"outputs \[.*\]; a bundle model has one input and the logits"):
+        build_serialized(plan_build("10.3.0", BuildRequest("fp16")), onnx, None, trt=FakeTensorRT(outputs=outputs))
 
 
 # --- the board, for the TensorRT 11.4.1 DLA rule ----------------------------------------------------------------

@@ -53,6 +53,8 @@ def _cmd_show_bundle(args: argparse.Namespace) -> int:
     print(f"  input       {m.input_name} {p.channels}x{p.input_height}x{p.input_width} {p.color}, "
           f"resize {p.resize}, mean {p.mean}, std {p.std}")
     print(f"  classes     {', '.join(m.class_names)}")
+    for out in m.outputs:
+        print(f"  output      {out.name} {out.dtype} ({', '.join(str(d) for d in out.shape)})")
     d = m.decision
     print(f"  decision    fp32 and ONNX Runtime fail at defect probability >= {d.threshold:.4f}; manual band "
           f"[{d.band_low:.4f}, {d.band_high:.4f}] (target recall {d.target_recall})")

@@ -8,10 +8,12 @@ augmentation and the network.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +27,11 @@ from bundle.images import (
 )
 
 OK_DIR, DEFECT_DIR = "ok", "defect"
+# Written by the station's `appliance review export` (appliance/review/export.py) beside ok/ and defect/.
+REVIEW_PROVENANCE = "provenance.json"
+# What a combined dataset keeps of a review export's per-file provenance (the rest stays in the export).
+_REVIEW_FIELDS = ("inspection_id", "station_id", "model_id", "ai_verdict", "score", "captured_at")
+_LABEL_FIELDS = ("labeller", "labelled_at", "defect_type", "source")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,178 @@ def load_folder(
             for f in files
         ]
     return samples
+
+
+def content_hash(image: np.ndarray) -> str:
+    """sha256 of the decoded pixels with their shape and dtype: the same picture in two folders (a file copy,
+    or a lossless re-encode) hashes alike; the file's name, format and timestamps do not count."""
+    h = hashlib.sha256(f"{image.shape}\0{image.dtype.str}\0".encode())
+    h.update(np.ascontiguousarray(image).data)
+    return h.hexdigest()
+
+
+@dataclass
+class CombinedDataset:
+    """Several customer-layout folders as one dataset (`load_folders`).
+
+    samples: unique by content, in --data order (the first copy of a picture is kept).
+    images: sample name -> where it came from (source, folder, file, sha256; for a review export the
+      inspection, station, model and labeller from its provenance.json; other copies of the same picture).
+    sources: one summary per folder (kind, counts, duplicates dropped; a review export's station, models
+      and labellers). duplicates: totals over all folders.
+    """
+
+    samples: list[Sample]
+    images: dict[str, dict[str, Any]]
+    sources: list[dict[str, Any]]
+    duplicates: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The small part (no per-image entries): for run.json's training info, final.pt and the bundle."""
+        return {"sources": self.sources, "duplicates": self.duplicates}
+
+
+def source_tag(index: int, n_sources: int) -> str:
+    """The prefix of sample names from the `index`-th (0-based) of `n_sources` folders: none for a single
+    folder (names as `load_folder` gives them, so single-folder runs split as before), else `dataN/`."""
+    return "" if n_sources == 1 else f"data{index + 1}/"
+
+
+def read_review_provenance(root: Path) -> dict[str, Any] | None:
+    """`root/provenance.json` of a station's review export, or None when the folder has none."""
+    path = Path(root) / REVIEW_PROVENANCE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path} is unreadable or not JSON ({exc})",
+                           hint="export the folder again with `appliance review export`, or delete the file") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise DatasetError(f"{path} is not a review export's provenance (no `files` map)",
+                           hint="a dataset folder's provenance.json is written by `appliance review export`")
+    return data
+
+
+def _review_entry(provenance: dict[str, Any], name: str) -> tuple[dict[str, Any], bool] | None:
+    """The provenance of `ok/x.png` or `defect/x.png` (moved to the other class after export: relabelled)."""
+    files = provenance["files"]
+    sub, _, file = name.partition("/")
+    other = DEFECT_DIR if sub == OK_DIR else OK_DIR
+    for key, moved in ((name, False), (f"{other}/{file}", True)):
+        entry = files.get(key)
+        if isinstance(entry, dict):
+            return entry, moved
+    return None
+
+
+def load_folders(
+    roots: Sequence[str | Path], bit_depth: BitDepth = DEFAULT_BIT_DEPTH, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> CombinedDataset:
+    """Customer-layout folders (earlier datasets, review exports) as one dataset, duplicates dropped.
+
+    Each folder is read by `load_folder`. With more than one folder, names get the folder's position
+    (`data1/ok/a.png`, `data2/defect/b.png`: --data order) and each folder's classes are their own
+    stratification groups, so every folder is split train/val/test in proportion. A picture that occurs more
+    than once (by `content_hash`, in one folder or across folders) is kept once, its first copy in --data
+    order, and the others are counted; when the copies disagree on the class (ok in one folder, defect in
+    another) none is kept: the label is in dispute, and training on either would be a guess. A folder with a
+    review export's provenance.json has each picture's inspection, station, model and labeller recorded.
+    """
+    roots = [Path(r) for r in roots]
+    if not roots:
+        raise DatasetError("no dataset folder given", hint="pass --data DIR (several: --data DIR1 DIR2)")
+    loaded: list[tuple[Sample, str, dict[str, Any]]] = []  # sample, hash, provenance
+    sources: list[dict[str, Any]] = []
+    for index, root in enumerate(roots):
+        tag = source_tag(index, len(roots))
+        review = read_review_provenance(root)
+        source: dict[str, Any] = {"tag": tag.rstrip("/") or None, "folder": str(root),
+                                  "kind": "review export" if review is not None else "folder"}
+        if review is not None:
+            source.update(station=review.get("station"), exported_at=review.get("exported_at"),
+                          software_version=review.get("software_version"))
+        unlisted = relabelled = 0
+        for s in load_folder(root, bit_depth=bit_depth, max_pixels=max_pixels):
+            digest = content_hash(s.image)
+            prov: dict[str, Any] = {"source": index + 1, "folder": str(root), "file": s.name, "sha256": digest}
+            if review is not None:
+                found = _review_entry(review, s.name)
+                if found is None:
+                    unlisted += 1
+                    prov["review"] = None
+                else:
+                    entry, moved = found
+                    label = entry.get("label") if isinstance(entry.get("label"), dict) else {}
+                    prov["review"] = {**{k: entry.get(k) for k in _REVIEW_FIELDS},
+                                      "verdict": label.get("verdict"),
+                                      **{k: label.get(k) for k in _LABEL_FIELDS}}
+                    if moved:
+                        relabelled += 1
+                        prov["review"]["moved_to_other_class_after_export"] = True
+            group = f"{tag}{s.group}" if tag else s.group
+            loaded.append((replace(s, name=f"{tag}{s.name}", group=group), digest, prov))
+        if review is not None:
+            source["not_in_provenance"] = unlisted
+            source["moved_to_other_class_after_export"] = relabelled
+        sources.append(source)
+
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, (_, digest, _) in enumerate(loaded):
+        by_hash[digest].append(i)
+    keep: list[int] = []
+    conflicting: list[list[str]] = []
+    dropped_same_label = 0
+    for indices in by_hash.values():
+        labels = {loaded[i][0].label for i in indices}
+        if len(labels) > 1:
+            conflicting.append([loaded[i][0].name for i in indices])
+            continue
+        keep.append(indices[0])
+        dropped_same_label += len(indices) - 1
+    keep.sort()
+
+    samples: list[Sample] = []
+    images: dict[str, dict[str, Any]] = {}
+    kept_per_source = [0] * len(roots)
+    for i in keep:
+        sample, digest, prov = loaded[i]
+        copies = [loaded[j][0].name for j in by_hash[digest] if j != i]
+        if copies:
+            prov["duplicates_dropped"] = copies
+        samples.append(sample)
+        images[sample.name] = prov
+        kept_per_source[prov["source"] - 1] += 1
+    loaded_per_source = [0] * len(roots)
+    for _, _, prov in loaded:
+        loaded_per_source[prov["source"] - 1] += 1
+    for index, source in enumerate(sources):
+        mine = [images[s.name] for s in samples if images[s.name]["source"] == index + 1]
+        n_defect = sum(1 for s in samples if images[s.name]["source"] == index + 1 and s.label == 1)
+        source.update(images=loaded_per_source[index], kept=kept_per_source[index],
+                      dropped=loaded_per_source[index] - kept_per_source[index],
+                      ok=kept_per_source[index] - n_defect, defect=n_defect)
+        if source["kind"] == "review export":
+            source["models"] = _tally(p["review"].get("model_id") for p in mine if p.get("review"))
+            source["labellers"] = _tally(p["review"].get("labeller") for p in mine if p.get("review"))
+    duplicates = {
+        "images_read": len(loaded), "images_kept": len(samples),
+        "duplicates_dropped": dropped_same_label,
+        "conflicting_labels_dropped": sum(len(c) for c in conflicting),
+        # The disputed pictures' copies by name (the first 20 pictures); same-label copies are listed under
+        # their kept image's `duplicates_dropped`.
+        "conflicting_examples": conflicting[:20],
+    }
+    if not samples:
+        raise DatasetError(f"no images left in {', '.join(map(str, roots))} after dropping duplicates")
+    return CombinedDataset(samples, images, sources, duplicates)
+
+
+def _tally(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for v in values:
+        counts[str(v)] += 1
+    return dict(sorted(counts.items()))
 
 
 def elpv_package_dir() -> Path:

@@ -22,6 +22,7 @@ from training.metrics import (
     band_outcomes,
     binary_metrics,
     confusion_matrix,
+    mcnemar_paired,
     multiclass_accuracy,
     roc_auc,
     roc_curve,
@@ -40,6 +41,14 @@ PLOT_FILES = {"roc": "roc.png", "confusion": "confusion.png", "confidence_hist":
 TRAINING_CURVE_FILE = "training_curve.png"
 FIGSIZE_INCHES = (6.0, 5.0)
 DPI = 100
+# The significance level the comparison's plain-language reading uses.
+COMPARISON_ALPHA = 0.05
+MCNEMAR_REFERENCE = (
+    "McNemar's exact test on the paired pass/fail decisions: McNemar, Q. (1947), Note on the sampling error of "
+    "the difference between correlated proportions or percentages, Psychometrika 12(2), 153-157; exact "
+    "(binomial) form as in Fagerland, Lydersen & Laake (2013), BMC Medical Research Methodology 13, 91; for two "
+    "classifiers on one test set, Dietterich (1998), Neural Computation 10(7), 1895-1923"
+)
 
 
 def write_report(
@@ -54,10 +63,12 @@ def write_report(
     precision_scores: dict[str, np.ndarray] | None = None,
     four_class: tuple[np.ndarray, np.ndarray] | None = None,
     history: list[dict] | None = None,
+    comparison: dict | None = None,
 ) -> dict:
     """Write report.json, report.md, roc.png, confusion.png and confidence_hist.png into out_dir.
 
     With `history` (one dict per epoch: epoch, train_loss, val_loss, val_auc), training_curve.png too.
+    With `comparison` (from `build_comparison`), a previous model against this one on the same parts.
 
     Returns the dict written to report.json (plain Python types only). Each file is written to a
     temporary name and renamed into place, so a reader never sees a half-written file; report.json is
@@ -73,6 +84,7 @@ def write_report(
         extra=extra,
         precision_scores=precision_scores,
         four_class=four_class,
+        comparison=comparison,
     )
     if history:
         report["plots"]["training_curve"] = TRAINING_CURVE_FILE
@@ -104,10 +116,12 @@ def build_report(
     extra: dict | None = None,
     precision_scores: dict[str, np.ndarray] | None = None,
     four_class: tuple[np.ndarray, np.ndarray] | None = None,
+    comparison: dict | None = None,
 ) -> dict:
     """The content of report.json as plain Python data; no I/O.
 
-    Optional blocks ("precisions", "four_class") are None when not given, so the keys are always present.
+    Optional blocks ("precisions", "four_class", "comparison") are None when not given, so the keys are always
+    present.
     In "precisions", each entry is compared with the "fp32" entry; when precision_scores has no "fp32"
     key, `scores` are taken as the fp32 scores.
     """
@@ -124,6 +138,7 @@ def build_report(
         "band": band_outcomes(labels, scores, threshold, low, high),
         "precisions": None,
         "four_class": None,
+        "comparison": comparison,
         "heldout_images": [str(name) for name in image_names],
         "extra": extra or {},
         "plots": dict(PLOT_FILES),
@@ -148,6 +163,157 @@ def build_report(
             ],
         }
     return _plain(report)
+
+
+def build_comparison(
+    labels: np.ndarray,
+    old_scores: np.ndarray,
+    old_threshold: float,
+    new_scores: np.ndarray,
+    new_threshold: float,
+    compared: np.ndarray,
+    *,
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    overlap: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A previous model against this run's on the same held-out parts, each at its own operating point.
+
+    `compared` marks the parts both models are scored on (False: the old model trained on that image).
+    `old` / `new` describe the models (checkpoint, backbone, input size ...); `overlap` says how the old
+    model's training images were matched (checked: bool, method: str, and why not when unchecked).
+    Per model: detection rate (recall), false-positive rate, ROC-AUC (None with one class only) and accuracy;
+    McNemar's exact test on which model decided each part correctly, over all compared parts and per class.
+    """
+    labels = np.asarray(labels)
+    compared = np.asarray(compared, dtype=bool)
+    old_scores = np.asarray(old_scores, dtype=np.float64)
+    new_scores = np.asarray(new_scores, dtype=np.float64)
+    if not (labels.shape == compared.shape == old_scores.shape == new_scores.shape):
+        raise ValueError(
+            f"labels {labels.shape}, compared {compared.shape}, old {old_scores.shape} and new {new_scores.shape} "
+            "scores must have one entry per held-out part"
+        )
+    y = labels[compared]
+    models: dict[str, dict[str, Any]] = {}
+    for key, info, scores, threshold in (("old", old, old_scores, old_threshold),
+                                         ("new", new, new_scores, new_threshold)):
+        m = binary_metrics(y, scores[compared], threshold)
+        models[key] = {
+            **info, "threshold": float(threshold),
+            "metrics": {"n": m.n, "n_defect": m.n_defect, "tp": m.tp, "fp": m.fp, "tn": m.tn, "fn": m.fn,
+                        "recall": m.recall, "false_positive_rate": m.false_positive_rate,
+                        "accuracy": m.accuracy, "roc_auc": _auc_or_none(y, scores[compared])},
+        }
+    old_flags = old_scores[compared] >= old_threshold
+    new_flags = new_scores[compared] >= new_threshold
+    tests = {}
+    for key, subset in (("all_parts", np.ones_like(y, dtype=bool)), ("defect_parts", y == 1),
+                        ("good_parts", y == 0)):
+        r = mcnemar_paired(y[subset], old_flags[subset], new_flags[subset])
+        tests[key] = {"n": r.n, "both_right": r.both_right, "only_old_right": r.only_a_right,
+                      "only_new_right": r.only_b_right, "both_wrong": r.both_wrong, "p_value": r.p_value}
+    excluded = int(np.sum(~compared))
+    return _plain({
+        "heldout": "this run's test split",
+        "n_test": int(labels.size),
+        "n_compared": int(compared.sum()),
+        "excluded_overlap": excluded,
+        "overlap": dict(overlap),
+        "old": models["old"],
+        "new": models["new"],
+        "mcnemar": tests,
+        "alpha": COMPARISON_ALPHA,
+        "reading": _comparison_reading(tests["all_parts"]),
+        "method": MCNEMAR_REFERENCE,
+    })
+
+
+def _comparison_reading(test: Mapping[str, Any]) -> str:
+    b, c, p = test["only_old_right"], test["only_new_right"], test["p_value"]
+    if b == c:
+        return (f"Both models are right equally often on the compared parts ({b} parts only the old one decides "
+                f"correctly, {c} only the new one): no difference to find.")
+    better, worse = ("new", "old") if c > b else ("old", "new")
+    if p < COMPARISON_ALPHA:
+        return (f"The {better} model decides more parts correctly ({max(b, c)} against {min(b, c)} of the parts "
+                f"the two decide differently); McNemar p = {p:.4g} < {COMPARISON_ALPHA}: unlikely to be chance.")
+    return (f"The {better} model decides more parts correctly ({max(b, c)} against {min(b, c)} of the parts the "
+            f"two decide differently), but McNemar p = {p:.4g} >= {COMPARISON_ALPHA}: a split this uneven is "
+            f"common by chance alone; the {better} model is not shown to be better than the {worse} one.")
+
+
+def _comparison_markdown(cmp: Mapping[str, Any]) -> list[str]:
+    old, new = cmp["old"], cmp["new"]
+    overlap = cmp["overlap"]
+
+    def model_line(who: str, m: Mapping[str, Any]) -> str:
+        what = [str(m[k]) for k in ("backbone", "color") if m.get(k)]
+        what += [f"{m['input_size']} px"] if m.get("input_size") else []
+        described = f" ({', '.join(what)})" if what else ""
+        return f"- {who}: `{m.get('checkpoint', 'this run')}`{described}, threshold {m['threshold']:.4f}"
+
+    lines = [
+        "## Compared with the previous model",
+        "",
+        model_line("Old", old),
+        model_line("New", new),
+        "",
+        f"Both models are scored on the same parts: {cmp['heldout']}, each at its own operating point "
+        "(the threshold it ships with).",
+        "",
+    ]
+    if overlap.get("checked"):
+        lines.append(
+            "The old model may have trained on some of these images where its data overlapped this run's. "
+            f"{cmp['excluded_overlap']} of the {cmp['n_test']} test images were in its training or validation "
+            f"split ({overlap.get('method')}) and are left out here: {cmp['n_compared']} parts compared."
+        )
+    else:
+        lines.append(
+            "The old model may have trained on some of these images where its data overlapped this run's; that "
+            f"could not be checked ({overlap.get('method')}), so all {cmp['n_test']} test parts are compared "
+            "and the old model's numbers may be optimistic."
+        )
+    if new.get("init_from_old"):
+        lines.append("The new model started from the old one's weights: images the old model trained on are "
+                     "no fair test of either, which is one more reason to leave them out.")
+    lines.append("")
+    if cmp["n_compared"] == 0:
+        return [*lines, "No parts are left to compare.", ""]
+    om, nm = old["metrics"], new["metrics"]
+    n_good = om["n"] - om["n_defect"]
+
+    def auc(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    d_auc = "n/a" if om["roc_auc"] is None or nm["roc_auc"] is None else f"{nm['roc_auc'] - om['roc_auc']:+.4f}"
+    lines += [
+        "| Metric | Old | New | Change |",
+        "|---|---|---|---|",
+        f"| Detection rate (defects caught) | {_pct(om['recall'])} ({om['tp']} of {om['n_defect']}) "
+        f"| {_pct(nm['recall'])} ({nm['tp']} of {nm['n_defect']}) | {100 * (nm['recall'] - om['recall']):+.2f} pt |",
+        f"| False-positive rate (good parts flagged) | {_pct(om['false_positive_rate'])} ({om['fp']} of {n_good}) "
+        f"| {_pct(nm['false_positive_rate'])} ({nm['fp']} of {n_good}) "
+        f"| {100 * (nm['false_positive_rate'] - om['false_positive_rate']):+.2f} pt |",
+        f"| ROC-AUC | {auc(om['roc_auc'])} | {auc(nm['roc_auc'])} | {d_auc} |",
+        f"| Accuracy at its own operating point | {_pct(om['accuracy'])} | {_pct(nm['accuracy'])} "
+        f"| {100 * (nm['accuracy'] - om['accuracy']):+.2f} pt |",
+        f"| Threshold | {old['threshold']:.4f} | {new['threshold']:.4f} | |",
+        "",
+        "Which model decides each part correctly (pass/fail at its threshold), and McNemar's exact test: the "
+        "probability of a split at least this uneven between the two columns if both models were equally good.",
+        "",
+        "| Parts | Compared | Both right | Only old right | Only new right | Both wrong | McNemar p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = {"all_parts": "all", "defect_parts": "defective", "good_parts": "good"}
+    for key, name in names.items():
+        t = cmp["mcnemar"][key]
+        lines.append(f"| {name} | {t['n']} | {t['both_right']} | {t['only_old_right']} | {t['only_new_right']} "
+                     f"| {t['both_wrong']} | {t['p_value']:.4g} |")
+    lines += ["", cmp["reading"], "", f"Method: {cmp['method']}.", ""]
+    return lines
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -217,6 +383,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "with the band.",
             "",
         ]
+    if report.get("comparison"):
+        lines += _comparison_markdown(report["comparison"])
     if report.get("four_class"):
         four = report["four_class"]
         lines += [

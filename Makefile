@@ -49,17 +49,20 @@ $(VENV)/.stamp-bench: $(VENV)/.stamp-base
 	@touch $@
 
 # Debian packages: Mosquitto for the MQTT tests and the demo broker (never for the station itself, which
-# talks to the plant's broker), openssl for the TLS tests' certificates. Installed only when run as root.
+# talks to the plant's broker), openssl for the TLS tests' certificates, Chromium and its WebDriver for the
+# inspector page's browser test (Debian's packages: no browser download). Installed only when run as root.
 SYSTEM_PACKAGES := mosquitto mosquitto-clients openssl chromium chromium-driver
 .PHONY: system-packages
 system-packages:
-	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	@if { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } && command -v chromium >/dev/null 2>&1 \
+		&& command -v chromedriver >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing $(SYSTEM_PACKAGES)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			$(SYSTEM_PACKAGES) >/dev/null; \
 	else \
-		echo "note: mosquitto is not installed and this is not root: MQTT tests skip, the demo runs on the outbox alone"; \
+		echo "note: some of $(SYSTEM_PACKAGES) are missing and this is not root: the MQTT and browser tests that need"; \
+		echo "      them skip, and without mosquitto the demo runs on the outbox alone"; \
 		echo "      (sudo apt-get install $(SYSTEM_PACKAGES))"; \
 	fi
 
@@ -80,8 +83,12 @@ lint: $(VENV)/.stamp-base
 	$(VENV)/bin/ruff check .
 
 # --- model pipeline -----------------------------------------------------------------------------
+# DATA may name several folders (DATA="data/parts review-export"); INIT_FROM=RUN starts from that run's model
+# and compares the two in the report.
+INIT_FROM ?=
 train: $(VENV)/.stamp-base
-	$(PY) -m training --dataset folder --data $(DATA) --out $(RUN) --epochs $(EPOCHS)
+	$(PY) -m training --dataset folder --data $(DATA) --out $(RUN) --epochs $(EPOCHS) \
+		$(if $(INIT_FROM),--init-from $(INIT_FROM))
 
 export: $(VENV)/.stamp-base
 	$(PY) -m export --run $(RUN) --out $(BUNDLE)

@@ -53,7 +53,9 @@ def parse_since(text: str | None) -> Since:
                          "ISO 8601 time (2025-01-31T06:00:00Z)") from None
     if at.tzinfo is None:
         at = at.replace(tzinfo=timezone.utc)
-    return Since(at=at.timestamp())
+    # An ISO time has microsecond resolution and the log's float times finer: a time printed from a record's
+    # own decided_at may have been rounded up by up to half a microsecond, and must still include that record.
+    return Since(at=at.timestamp() - 0.5e-6)
 
 
 def read_page(path: Path, since: Since, limit: int) -> Page:

@@ -20,6 +20,7 @@ ELPV_EPOCHS ?= 30
 help:
 	@echo "make demo             train a small model on synthetic parts, export a bundle, run the station on sample frames (CPU)"
 	@echo "                      reporting to a local Mosquitto, and print what the control room receives"
+	@echo "make demo-review      after make demo: the inspector page for the parts it queued (http://127.0.0.1:8080)"
 	@echo "make test             run the test suite"
 	@echo "make train DATA=DIR   train on your parts (DIR/ok, DIR/defect) into RUN=$(RUN)"
 	@echo "make export           RUN -> model bundle BUNDLE=$(BUNDLE) (FP32 + INT8 Q/DQ + FP16 ONNX)"
@@ -75,6 +76,13 @@ demo: $(VENV)/.stamp-base system-packages
 	$(PY) -m training.synthetic --out artifacts/demo-frames --frames 24 --severity 4 --seed 4242
 	$(VENV)/bin/appliance show-bundle artifacts/demo-bundle
 	$(PY) -m tools.demo_station --config provisioning/demo-station.toml
+
+# The demo station without a camera, serving its HTTP API and the inspector page for the parts `make demo` queued.
+.PHONY: demo-review
+demo-review: $(VENV)/.stamp-base
+	@echo "inspector page: http://127.0.0.1:8080/inspector (token demo-inspector-token); Ctrl-C stops"
+	APPLIANCE_CAMERA__SOURCE=none APPLIANCE_HTTP__ENABLED=true APPLIANCE_MQTT__ENABLED=false \
+		$(VENV)/bin/appliance run --config provisioning/demo-station.toml
 
 test: $(VENV)/.stamp-base system-packages
 	$(PY) -m pytest -q

@@ -110,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"control room received: {seen}")
     else:
         print(f"results are waiting in {args.var / 'outbox.sqlite3'} for a broker")
+    queued = subprocess.run([sys.executable, "-m", "appliance.cli", "review", "list", "--config", str(args.config),
+                             "--limit", "5"], capture_output=True, text=True)
+    print("queued for a person (review queue):")
+    for line in (queued.stdout or queued.stderr).splitlines():
+        print(f"  {line}")
+    print("label them on the inspector page: make demo-review, then open http://127.0.0.1:8080/inspector "
+          "(token demo-inspector-token)")
     return rc
 
 

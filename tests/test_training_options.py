@@ -47,9 +47,9 @@ def test_init_from_another_colour_names_the_file_and_the_setting(trained_run: Pa
 
 
 def test_init_from_may_change_the_input_size(trained_run: Path, parts_folder: Path, tmp_path: Path):
-    # Same weights, larger images: fine-tuning a model at a higher resolution than it was trained at.
+    # Same weights, larger images: fine-tuning a model at a higher resolution than it was trained at, on purpose.
     run = train(tiny_config(parts_folder, tmp_path / "larger", input_size=96, epochs=1, max_steps_per_epoch=1,
-                            init_from=trained_run / "final.pt"), progress=False)
+                            init_from=trained_run / "final.pt", allow_input_size_change=True), progress=False)
     final = load_checkpoint(run / "final.pt")
     assert final["config"]["input_size"] == 96 and final["preprocess"]["input_height"] == 96
 

@@ -232,8 +232,8 @@ def build_comparison(
 def _comparison_reading(test: Mapping[str, Any]) -> str:
     b, c, p = test["only_old_right"], test["only_new_right"], test["p_value"]
     if b == c:
-        return (f"Both models are right equally often on the compared parts ({b} parts only the old one decides "
-                f"correctly, {c} only the new one): no difference to find.")
+        return (f"Both models decide the same number of compared parts correctly ({b} the old one alone, {c} the "
+                "new one alone): no difference to find.")
     better, worse = ("new", "old") if c > b else ("old", "new")
     if p < COMPARISON_ALPHA:
         return (f"The {better} model decides more parts correctly ({max(b, c)} against {min(b, c)} of the parts "
@@ -418,6 +418,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     ]
     if "training_curve" in report["plots"]:
         lines += [f"![Training curve]({report['plots']['training_curve']})", ""]
+    sources = (report.get("extra") or {}).get("training", {}).get("data_sources")
+    if sources:
+        lines += _sources_markdown(sources, report["extra"]["training"].get("duplicates") or {})
     if report.get("extra"):
         lines += ["## Run details", "", "| Key | Value |", "|---|---|"]
         lines += [f"| {key} | `{json.dumps(value)}` |" for key, value in report["extra"].items()]
@@ -428,6 +431,24 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _sources_markdown(sources: list[Mapping[str, Any]], duplicates: Mapping[str, Any]) -> list[str]:
+    lines = ["## Data", "", "| Folder | Kind | Images | Kept (ok / defect) | Station | Labellers |",
+             "|---|---|---|---|---|---|"]
+    for s in sources:
+        station = s.get("station") or {}
+        where = station.get("id", "") if isinstance(station, Mapping) else str(station)
+        who = ", ".join(f"{k} ({v})" for k, v in (s.get("labellers") or {}).items())
+        tag = f"{s['tag']}: " if s.get("tag") else ""
+        lines.append(f"| {tag}`{s['folder']}` | {s['kind']} | {s['images']} | {s['kept']} ({s['ok']} / {s['defect']}) "
+                     f"| {where} | {who} |")
+    if duplicates:
+        lines += ["", f"The same picture (by its decoded pixels) more than once: {duplicates['duplicates_dropped']} "
+                  f"extra copies dropped, and {duplicates['conflicting_labels_dropped']} images dropped whose copies "
+                  "disagree on the class. Each image's folder and, for a review export, its inspection, station, "
+                  "model and labeller are in the run's run.json under `data.images`."]
+    return [*lines, ""]
 
 
 def _compare_precisions(

@@ -7,7 +7,8 @@ A run directory holds everything about one training:
     last.pt        the latest epoch (resume point), written atomically every epoch
     best.pt        the epoch with the best validation ROC-AUC
     final.pt       best weights + preprocessing + operating point: what export/ reads
-    report/        evaluation on the held-out test split (JSON, Markdown, PNG plots)
+    report/        evaluation on the held-out test split (JSON, Markdown, PNG plots); with a previous model
+                   (compare_to, or the init_from run), both models on the same test parts
 
 The operating threshold and the uncertainty band are chosen on the validation split; the test split is
 only scored, never used for a decision.
@@ -29,23 +30,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bundle.errors import CheckpointError, DatasetError
+from bundle.errors import ApplianceError, CheckpointError, DatasetError
 from bundle.format import CLASS_NAMES
 from bundle.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, BitDepth
 from bundle.preprocess import PreprocessSpec, preprocess
 from training.augment import AugmentConfig, augment
 from training.datasets import (
+    CombinedDataset,
     Sample,
     class_counts,
+    content_hash,
     fingerprint,
     load_elpv,
-    load_folder,
+    load_folders,
     load_synthetic,
     stratified_split,
 )
 from training.metrics import choose_operating_point, roc_auc, softmax_defect_score
 from training.model import Backbone, build_model
-from training.report import write_report
+from training.report import build_comparison, write_report
 
 
 class TrainConfig(BaseModel):
@@ -55,6 +58,9 @@ class TrainConfig(BaseModel):
 
     dataset: Literal["folder", "elpv", "synthetic"] = "folder"
     data_dir: Path | None = None
+    # More customer-layout folders trained on together with data_dir (earlier datasets, a station's review
+    # exports): one dataset, each picture once (training.datasets.load_folders). Folder dataset only.
+    extra_data_dirs: list[Path] = Field(default_factory=list)
     synthetic_ok: int = Field(160, ge=4)
     synthetic_defect: int = Field(80, ge=4)
     synthetic_severity: float = Field(1.0, gt=0, le=5)
@@ -70,7 +76,14 @@ class TrainConfig(BaseModel):
     weights: Path | None = None
     # Start from a previous run of this project (final.pt / best.pt / last.pt): retraining a shipped model on
     # new parts, or a second, shorter schedule after the first. Weights only: optimizer and schedule start fresh.
+    # A run folder (its final.pt) or a checkpoint file. Backbone, colour, input size and resize must be the
+    # checkpoint's; allow_input_size_change lets the input size differ (fine-tuning at a higher resolution).
     init_from: Path | None = None
+    allow_input_size_change: bool = False
+    # The previous model the report compares this one with on this run's test split (a run folder or its
+    # final.pt); None: the init_from checkpoint when it has an operating point. compare=False: no comparison.
+    compare_to: Path | None = None
+    compare: bool = True
     color: Literal["gray", "rgb"] = "gray"
     input_size: int = Field(224, ge=32, le=1024)
     resize: Literal["stretch", "center_crop", "letterbox"] = "stretch"
@@ -113,6 +126,18 @@ class TrainConfig(BaseModel):
             )
         return value
 
+    @field_validator("extra_data_dirs")
+    @classmethod
+    def _extra_folders_need_the_folder_dataset(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
+        dataset = info.data.get("dataset", "folder")
+        if value and dataset != "folder":
+            raise ValueError(f"several data folders apply to --dataset folder only, not {dataset}")
+        return value
+
+    def data_dirs(self) -> list[Path]:
+        """The dataset folders in --data order (empty when none is set)."""
+        return ([self.data_dir] if self.data_dir is not None else []) + list(self.extra_data_dirs)
+
     def preprocess_spec(self) -> PreprocessSpec:
         channels = 1 if self.color == "gray" else 3
         # [-1, 1] scaling: what the pretrained Lite0 weights expect, and harmless from scratch.
@@ -124,19 +149,26 @@ class TrainConfig(BaseModel):
 
 # Fields that change the network or its input: resuming across a change would be meaningless.
 _ARCHITECTURE_KEYS = ("backbone", "color", "input_size", "resize", "bit_depth")
-# Fields that change the shapes of the weights: starting a new run from old weights needs only these to
-# match (the convolutions do not depend on the image size, so a model can be fine-tuned at a larger one).
-_WEIGHT_SHAPE_KEYS = ("backbone", "color")
+# Fields a run started from a checkpoint (init_from) must share with it: the weights' shapes (backbone,
+# colour) and what the input pixels mean (input size, resize). The convolutions do not depend on the image
+# size, so allow_input_size_change may drop input_size: fine-tuning a model at a larger size, on purpose.
+_INIT_KEYS = ("backbone", "color", "input_size", "resize")
 
 
-def load_samples(cfg: TrainConfig) -> list[Sample]:
+def load_dataset(cfg: TrainConfig) -> tuple[list[Sample], CombinedDataset | None]:
+    """The samples, and for the folder dataset where each came from (sources, duplicates, per image)."""
     if cfg.dataset == "folder":
         if cfg.data_dir is None:
             raise DatasetError("dataset 'folder' needs a data directory", hint="pass --data DIR")
-        return load_folder(cfg.data_dir, bit_depth=cfg.bit_depth, max_pixels=cfg.max_pixels)
+        combined = load_folders(cfg.data_dirs(), bit_depth=cfg.bit_depth, max_pixels=cfg.max_pixels)
+        return combined.samples, combined
     if cfg.dataset == "elpv":
-        return load_elpv(cfg.data_dir, max_pixels=cfg.max_pixels)
-    return load_synthetic(cfg.synthetic_ok, cfg.synthetic_defect, seed=cfg.seed, severity=cfg.synthetic_severity)
+        return load_elpv(cfg.data_dir, max_pixels=cfg.max_pixels), None
+    return load_synthetic(cfg.synthetic_ok, cfg.synthetic_defect, seed=cfg.seed, severity=cfg.synthetic_severity), None
+
+
+def load_samples(cfg: TrainConfig) -> list[Sample]:
+    return load_dataset(cfg)[0]
 
 
 def split_samples(cfg: TrainConfig, samples: Sequence[Sample]) -> dict[str, list[Sample]]:
@@ -265,6 +297,159 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A run folder means its final.pt; a file is taken as it is (final.pt, best.pt, last.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        final = path / "final.pt"
+        if not final.is_file():
+            raise CheckpointError(f"run folder {path} has no final.pt (the run has not finished)",
+                                  hint=f"finish it with --resume --out {path}, or name a checkpoint: {path}/best.pt")
+        return final
+    return path
+
+
+def init_checkpoint(cfg: TrainConfig) -> tuple[Path, dict] | None:
+    """The checkpoint cfg.init_from names, loaded and checked against cfg; None without init_from.
+
+    CheckpointError (exit code 5) names the file and every setting that differs from this run's.
+    """
+    if cfg.init_from is None:
+        return None
+    path = resolve_checkpoint(cfg.init_from)
+    ckpt = load_checkpoint(path)
+    keys = [k for k in _INIT_KEYS if not (k == "input_size" and cfg.allow_input_size_change)]
+    saved = {k: ckpt["config"].get(k, TrainConfig.model_fields[k].default) for k in keys}
+    asked = cfg.model_dump(mode="json")
+    changed = [k for k in keys if saved[k] != asked[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+        now = ", ".join(f"{k}={asked[k]!r}" for k in changed)
+        hint = (f"this run asks for {now}: train with the checkpoint's settings (on the command line, leave out "
+                "--backbone, --color and --input-size and they are taken from it)")
+        if changed == ["input_size"]:
+            hint += "; to fine-tune it at another input size on purpose, add --allow-input-size-change"
+        raise CheckpointError(f"checkpoint {path} was trained with different {', '.join(changed)} ({was})", hint=hint)
+    return path, ckpt
+
+
+def initial_model(cfg: TrainConfig, start: tuple[Path, dict] | None = None) -> nn.Module:
+    """The network a run starts from: ImageNet (or --weights, or nothing), or the init_from checkpoint's weights.
+
+    `start` is `init_checkpoint(cfg)` when the caller has it already; else it is loaded here.
+    """
+    if start is None:
+        start = init_checkpoint(cfg)
+    # With init_from the ImageNet weights would be overwritten at once: do not load them.
+    model = build_model(cfg.backbone, 1 if cfg.color == "gray" else 3, cfg.input_size,
+                        cfg.pretrained and start is None, cfg.weights, cfg.dropout)
+    if start is not None:
+        path, ckpt = start
+        try:
+            model.load_state_dict(ckpt["model_state"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit a {cfg.backbone} network ({exc})") from exc
+    return model
+
+
+def comparison_checkpoint(cfg: TrainConfig, start: tuple[Path, dict] | None = None) -> tuple[Path, dict] | None:
+    """The previous model the report compares this run with, loaded; None for no comparison.
+
+    compare_to names it (an error when it is unusable: found before training, not after); else the init_from
+    checkpoint when it has an operating point (a run's final.pt; best.pt and last.pt have none).
+    """
+    if not cfg.compare:
+        return None
+    if cfg.compare_to is not None:
+        path = resolve_checkpoint(cfg.compare_to)
+        ckpt = load_checkpoint(path)
+        if "decision" not in ckpt or "preprocess" not in ckpt:
+            raise CheckpointError(f"checkpoint {path} has no operating point to compare at (it is not a run's "
+                                  "final.pt)", hint="--compare-to RUN or RUN/final.pt of a finished run")
+        return path, ckpt
+    if start is None and cfg.init_from is not None:
+        start = init_checkpoint(cfg)
+    if start is None:
+        return None
+    path, ckpt = start
+    if "decision" not in ckpt or "preprocess" not in ckpt:
+        print(f"note: {path} has no operating point (it is not a final.pt): the report compares no previous "
+              "model; --compare-to RUN names one")
+        return None
+    return path, ckpt
+
+
+def trained_on_hashes(path: Path, ckpt: dict) -> tuple[set[str] | None, str]:
+    """Content hashes of the images a run's model was trained and validated on, and how they were found.
+
+    From the run's run.json (per-image sha256) and split.json when the checkpoint sits in its run folder; for
+    a run written before run.json had them, by reading its data again from where its config says (its split
+    checked against split.json; when that differs, all of its images count). None when neither works.
+    """
+    run = path.parent
+    split = _read_json(run / "split.json")
+    record = _read_json(run / "run.json")
+    images = ((record or {}).get("data") or {}).get("images")
+    if split and isinstance(images, dict) and ckpt["config"] == (record or {}).get("config"):
+        names = [*split.get("train", []), *split.get("val", [])]
+        if names and all("sha256" in (images.get(n) or {}) for n in names):
+            return ({images[n]["sha256"] for n in names},
+                    "by content hash of the decoded pixels, from the old run's run.json and split.json")
+    try:
+        old = TrainConfig.model_validate(dict(ckpt["config"], out_dir=str(run), device="cpu"))
+        samples = load_samples(old)
+    except Exception as exc:  # its data is elsewhere, or a config this version cannot read
+        reason = exc.message if isinstance(exc, DatasetError) else f"{type(exc).__name__}: {exc}"
+        return None, f"the old run's image hashes are not in {run / 'run.json'} and its data cannot be read: {reason}"
+    splits = split_samples(old, samples)
+    used = splits["train"] + splits["val"]
+    where = ", ".join(map(str, old.data_dirs())) or old.dataset
+    how = f"by content hash of the decoded pixels, reading the old run's data again ({where})"
+    if split and any([s.name for s in splits[k]] != split.get(k) for k in ("train", "val")):
+        used = samples
+        how += "; its split.json differs from the split of that data, so all of its images count as trained on"
+    return {content_hash(s.image) for s in used}, how
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def compare_with_previous(previous: tuple[Path, dict], cfg: TrainConfig, test: Sequence[Sample],
+                          test_labels: np.ndarray, test_scores: np.ndarray, threshold: float,
+                          device: torch.device) -> dict:
+    """The report's comparison: the previous model and this one on this run's test split, each at its own
+    operating point, leaving out test images the previous model was trained or validated on."""
+    path, ckpt = previous
+    old_cfg = ckpt["config"]
+    old_spec = PreprocessSpec.model_validate(ckpt["preprocess"])
+    old_model = build_model(old_cfg["backbone"], old_spec.channels, old_spec.input_width, pretrained=False,
+                            dropout=old_cfg.get("dropout", 0.2))
+    old_model.load_state_dict(ckpt["model_state"])
+    old_model.to(device)
+    old_scores = softmax_defect_score(predict_logits(old_model, test, old_spec, device))
+    trained_on, how = trained_on_hashes(path, ckpt)
+    if trained_on is None:
+        compared = np.ones(len(test), dtype=bool)
+    else:
+        compared = np.array([content_hash(s.image) not in trained_on for s in test], dtype=bool)
+    init = resolve_checkpoint(cfg.init_from) if cfg.init_from is not None else None
+    return build_comparison(
+        test_labels, old_scores, float(ckpt["decision"]["threshold"]), test_scores, threshold, compared,
+        old={"checkpoint": str(path), "backbone": old_cfg.get("backbone"), "color": old_spec.color,
+             "input_size": old_spec.input_width,
+             "data_fingerprint": ckpt.get("training", {}).get("fingerprint_sha256")},
+        new={"checkpoint": str(cfg.out_dir / "final.pt"), "backbone": cfg.backbone, "color": cfg.color,
+             "input_size": cfg.input_size,
+             "init_from_old": init is not None and init.resolve() == path.resolve()},
+        overlap={"checked": trained_on is not None, "method": how},
+    )
+
+
 def _check_architecture(ckpt: dict, cfg: TrainConfig, path: Path, hint: str,
                         keys: Sequence[str] = _ARCHITECTURE_KEYS) -> None:
     # A checkpoint from before a field existed was trained with that field's default.
@@ -310,28 +495,27 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     from tqdm import tqdm
 
     started = time.time()
+    # The checkpoints named (init_from, compare_to) are checked before any image is read or file written.
+    start = init_checkpoint(cfg)
+    previous = comparison_checkpoint(cfg, start)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     device = torch_device(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     spec = cfg.preprocess_spec()
 
-    samples = load_samples(cfg)
+    samples, combined = load_dataset(cfg)
+    if combined is not None:
+        _print_sources(combined)
     splits = split_samples(cfg, samples)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "split.json").write_text(json.dumps({k: [s.name for s in v] for k, v in splits.items()}, indent=1))
 
-    # With --init-from the ImageNet weights would be overwritten at once: do not load them.
-    model = build_model(cfg.backbone, spec.channels, cfg.input_size, cfg.pretrained and cfg.init_from is None,
-                        cfg.weights, cfg.dropout)
-    if cfg.init_from is not None:
-        start = load_checkpoint(cfg.init_from)
-        _check_architecture(start, cfg, cfg.init_from, "train with the settings the checkpoint names",
-                            _WEIGHT_SHAPE_KEYS)
-        model.load_state_dict(start["model_state"])
-        print(f"starting from the weights of {cfg.init_from}")
+    model = initial_model(cfg, start)
+    if start is not None:
+        print(f"starting from the weights of {start[0]}")
     # channels_last: the layout oneDNN and cuDNN convolutions are fastest in (about 25 % per step on a CPU).
     model.to(device, memory_format=torch.channels_last)
     ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay is not None else None
@@ -423,15 +607,29 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model_state"])
-    final = finish(cfg, model, splits, spec, device, samples, state, time.time() - started)
+    final = finish(cfg, model, splits, spec, device, samples, state, time.time() - started, combined=combined,
+                   previous=previous)
     return final.parent
 
 
-def evaluate_run(run_dir: Path, data_dir: Path | None = None, default_data: bool = False) -> Path:
+def _print_sources(combined: CombinedDataset) -> None:
+    for src in combined.sources:
+        tag = f"{src['tag']}: " if src["tag"] else ""
+        print(f"{tag}{src['folder']} ({src['kind']}): {src['images']} images, {src['kept']} kept "
+              f"({src['ok']} ok, {src['defect']} defect)")
+    d = combined.duplicates
+    if d["duplicates_dropped"] or d["conflicting_labels_dropped"]:
+        print(f"duplicates by content: {d['duplicates_dropped']} extra copies dropped, "
+              f"{d['conflicting_labels_dropped']} images dropped whose copies disagree on the class")
+
+
+def evaluate_run(run_dir: Path, data_dir: Path | Sequence[Path] | None = None, default_data: bool = False) -> Path:
     """Re-score a finished run's final.pt: operating point on validation, report on test, final.pt updated.
 
-    `data_dir` points at a copy of the data elsewhere; `default_data` goes back to the dataset's default
-    source (ELPV: the installed package). Used when a model was trained on another machine.
+    `data_dir` points at a copy of the data elsewhere (a run on several folders: as many, in the same order);
+    `default_data` goes back to the dataset's default source (ELPV: the installed package). Used when a model
+    was trained on another machine. The comparison with a previous model is made again when that model's
+    checkpoint is still where the run's config names it, and left out (with a note) when not.
     """
     started = time.time()
     final = load_checkpoint(run_dir / "final.pt")
@@ -439,29 +637,46 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, default_data: bool
     values = dict(final["config"], out_dir=str(run_dir), device="auto")
     if default_data:
         values["data_dir"] = None
+        values["extra_data_dirs"] = []
     elif data_dir is not None:
-        values["data_dir"] = str(data_dir)
+        folders = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
+        trained_on = len(values.get("extra_data_dirs", [])) + 1
+        if len(folders) != trained_on:
+            raise DatasetError(f"run {run_dir} was trained on {trained_on} data folder(s), {len(folders)} given",
+                               hint="give a copy of each, in the order of the training's --data")
+        values["data_dir"], values["extra_data_dirs"] = str(folders[0]), [str(f) for f in folders[1:]]
     cfg = TrainConfig.model_validate(values)
     spec = cfg.preprocess_spec()
     model = build_model(cfg.backbone, spec.channels, cfg.input_size, pretrained=False, dropout=cfg.dropout)
     model.load_state_dict(final["model_state"])
     device = torch_device(cfg)
     model.to(device)
-    samples = load_samples(cfg)
+    samples, combined = load_dataset(cfg)
+    try:
+        previous = comparison_checkpoint(cfg)
+    except ApplianceError as exc:
+        print(f"note: no comparison with the previous model: {exc.message}")
+        previous = None
     state = {"epoch": final["training"]["epochs_run"], "best_epoch": final["training"]["best_epoch"],
              "best_auc": final["training"]["best_val_auc"], "history": []}
     if (run_dir / "run.json").is_file():
         state["history"] = json.loads((run_dir / "run.json").read_text()).get("history", [])
     trained_s = float(final["training"].get("wall_time_s", 0.0))
     finish(cfg, model, split_samples(cfg, samples), spec, device, samples, state, trained_s,
-           evaluated={"re_evaluated_s": round(time.time() - started, 1), "trained_on": final["training"]})
+           evaluated={"re_evaluated_s": round(time.time() - started, 1), "trained_on": final["training"]},
+           combined=combined, previous=previous)
     return run_dir
 
 
 def finish(cfg: TrainConfig, model: nn.Module, splits: dict[str, list[Sample]], spec: PreprocessSpec,
            device: torch.device, samples: Sequence[Sample], state: dict, seconds: float,
-           evaluated: dict | None = None) -> Path:
-    """Choose the operating point on validation data, score the test split, write report and final.pt."""
+           evaluated: dict | None = None, combined: CombinedDataset | None = None,
+           previous: tuple[Path, dict] | None = None) -> Path:
+    """Choose the operating point on validation data, score the test split, write report and final.pt.
+
+    `combined`: where the folder dataset's images came from (run.json keeps it per image); `previous`: the
+    checkpoint (path, loaded) of a model to compare with on the same test parts.
+    """
     out = cfg.out_dir
     val_labels = np.array([s.label for s in splits["val"]])
     val_scores = softmax_defect_score(predict_logits(model, splits["val"], spec, device))
@@ -489,18 +704,35 @@ def finish(cfg: TrainConfig, model: nn.Module, splits: dict[str, list[Sample]], 
         "best_val_auc": state["best_auc"], "wall_time_s": round(seconds, 1), "device": str(device),
         "torch": torch.__version__,
     }
+    if combined is not None:
+        # The summary (folders, counts, duplicates, a review export's station, models and labellers); run.json
+        # has each image's entry.
+        training_info["data_dirs"] = [str(d) for d in cfg.data_dirs()]
+        training_info["data_sources"] = combined.sources
+        training_info["duplicates"] = combined.duplicates
     if evaluated:
         training_info["evaluation"] = evaluated
+    comparison = None
+    if previous is not None:
+        comparison = compare_with_previous(previous, cfg, test, test_labels, test_scores, threshold, device)
+        c = comparison
+        print(f"compared with {previous[0]} on {c['n_compared']} of {c['n_test']} test parts "
+              f"({c['excluded_overlap']} left out: the old model trained on them): McNemar p = "
+              f"{c['mcnemar']['all_parts']['p_value']:.4g}")
     report = write_report(
         out / "report", test_labels, test_scores, threshold, band, [s.name for s in test],
         title=f"{cfg.backbone} on {cfg.dataset} - held-out test split",
         extra={"training": training_info, "config": cfg.model_dump(mode="json"),
                "argmax_accuracy": float(np.mean((test_scores >= 0.5) == test_labels))},
-        four_class=four_class, history=state["history"],
+        four_class=four_class, history=state["history"], comparison=comparison,
     )
+    # Each image by name: its content hash (what a later run's comparison matches its test images against)
+    # and, for folders, where it came from.
+    images = combined.images if combined is not None else {s.name: {"sha256": content_hash(s.image)} for s in samples}
+    data = {**(combined.summary() if combined is not None else {}), "images": images}
     (out / "run.json").write_text(json.dumps(
         {"config": cfg.model_dump(mode="json"), "training": training_info, "history": state["history"],
-         "threshold": threshold, "band": list(band)}, indent=2))
+         "threshold": threshold, "band": list(band), "data": data}, indent=2))
     final = out / "final.pt"
     _atomic_save({
         "model_state": model.state_dict(), "config": cfg.model_dump(mode="json"),

@@ -255,8 +255,11 @@ def build_station(settings: StationSettings, source: FrameSource | None = None, 
         routers = []
         if review is not None:  # GET /review, /review/{id}/image, POST /labels, GET /stats, the inspector page
             from appliance.http.review_routes import review_router
+            from appliance.review.stats import PromotionCriteria
 
-            routers.append(review_router(review, config.spec))
+            p = settings.review.promotion
+            routers.append(review_router(review, config.spec, PromotionCriteria(
+                p.min_labelled, p.min_detection_rate, p.max_false_positive_rate, p.confidence)))
         station.http = build_http(settings, pipeline, results.path, on_event=fanout.event, on_failure=failures,
                                   link_state=link.state if link is not None else None, sink_errors=fanout.errors,
                                   routers=routers)

@@ -277,6 +277,21 @@ def test_stats_are_the_label_statistics_of_the_review_store(served):
     assert r.status_code == 422 and "confidence" in r.text
 
 
+# --- GET /promotion ---------------------------------------------------------------------------------------------
+
+
+def test_promotion_says_not_met_with_how_many_labels_are_missing(served):
+    station, client = served
+    r = client.get("/promotion", headers=auth("inspector"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # the model running now, judged on [review.promotion]'s defaults (300 labelled parts): far from enough here
+    assert body["model_id"] == station.pipeline.status().model_id
+    assert body["met"] is False and body["more_labels_needed"] > 0
+    assert len(body["criteria"]) == 3 and not all(c["met"] for c in body["criteria"])
+    assert client.get("/promotion", headers=auth("line_pc")).status_code == 403
+
+
 # --- roles ------------------------------------------------------------------------------------------------------
 
 

@@ -45,8 +45,10 @@ from appliance.http.api import ErrorResponse, require
 from appliance.reporting.commands import UnknownInspection
 from appliance.reporting.payloads import DEFECT_TYPE_PATTERN, LABELLER_MAX_CHARS, LABELLER_PATTERN, PART_ID_PATTERN
 from appliance.reporting.sqlite_store import describe
+from appliance.review.promotion import promotion_verdict
 from appliance.review.queue import Label, QueuedItem
 from appliance.review.sink import ReviewSink
+from appliance.review.stats import PromotionCriteria
 from bundle.preprocess import PreprocessSpec
 
 DEFAULT_LIMIT = 50
@@ -296,9 +298,11 @@ def _file(folder: Path, rel: str | None) -> Path | None:
 # --- the router -----------------------------------------------------------------------------------------------
 
 
-def review_router(review: ReviewSink | None, spec: PreprocessSpec | None = None) -> APIRouter:
+def review_router(review: ReviewSink | None, spec: PreprocessSpec | None = None,
+                  criteria: PromotionCriteria | None = None) -> APIRouter:
     """The review routes and the inspector page around the station's review sink (None: for the schema only).
-    `spec`: the station's preprocessing, to place the defect map on a picture (None: stretched over it)."""
+    `spec`: the station's preprocessing, to place the defect map on a picture (None: stretched over it).
+    `criteria`: `[review.promotion]`, for GET /promotion (None: that route answers 503)."""
     router = APIRouter()
     overlays = threading.BoundedSemaphore(MAX_OVERLAYS)
 
@@ -430,6 +434,20 @@ def review_router(review: ReviewSink | None, spec: PreprocessSpec | None = None)
             return sink().store.stats(model_id, confidence).as_dict()
         except (sqlite3.Error, OSError) as exc:
             raise _unavailable(exc) from None
+
+    @router.get("/promotion", responses=_errors(401, 403, 422, 503),
+                summary="Whether a model has met [review.promotion] on the labels (role inspector)")
+    def promotion(_role: str = require("inspector"),
+                  model_id: str | None = Query(None, max_length=200,
+                                               description="The model to judge (default: the one running now)")
+                  ) -> Any:
+        if criteria is None:
+            raise HTTPException(503, "no promotion criteria behind this application")
+        try:
+            model, _labelled, verdict = promotion_verdict(sink().store, criteria, model_id)
+        except (sqlite3.Error, OSError) as exc:
+            raise _unavailable(exc) from None
+        return {"model_id": model, **verdict.as_dict()}
 
     # --- the inspector page -----------------------------------------------------------------------------------
     @router.get("/", include_in_schema=False)

@@ -25,7 +25,6 @@ from appliance.review.stats import (
     LabelStats,
     PromotionCriteria,
     Rate,
-    judge_promotion,
     label_stats,
     stats_by_period,
 )
@@ -226,22 +225,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_promotion(args: argparse.Namespace) -> int:
+    from appliance.review.promotion import promotion_verdict
+
     settings, store = _open(args)
-    try:
-        model = args.model
-        if model is None:
-            items = sorted(store.items(include_evicted=True), key=lambda i: i.seq)
-            model = items[-1].model_id if items else None
-        parts = store.labelled_parts(model) if model is not None else []
-    finally:
-        store.close()
     p = settings.review.promotion
     criteria = PromotionCriteria(p.min_labelled, p.min_detection_rate, p.max_false_positive_rate, p.confidence)
-    verdict = judge_promotion(label_stats(parts, p.confidence), criteria)
+    try:
+        model, labelled, verdict = promotion_verdict(store, criteria, args.model)
+    finally:
+        store.close()
     if args.json:
         print(json.dumps({"model_id": model, **verdict.as_dict()}, indent=2))
     else:
-        print(f"model {model or '(none queued)'}: {len(parts)} label(s); criteria [review.promotion]: at least "
+        print(f"model {model or '(none queued)'}: {labelled} label(s); criteria [review.promotion]: at least "
               f"{p.min_labelled} labelled, detection rate >= {p.min_detection_rate}, false-positive rate <= "
               f"{p.max_false_positive_rate}, judged at the pessimistic end of {p.confidence:.0%} Wilson intervals")
         print(verdict.reason)

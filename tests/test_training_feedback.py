@@ -157,6 +157,19 @@ def test_folders_and_a_review_export_combine_with_duplicates_dropped_and_provena
     assert [(s.name, s.group) for s in single.samples] == [(s.name, s.group) for s in load_folder(old)]
 
 
+def test_a_single_folder_keeps_its_duplicates_and_counts_them(tmp_path: Path):
+    # Loaded whole, as before combining existed: earlier runs on it keep their split (and --evaluate-only works).
+    root = write_dataset(tmp_path / "parts", n_ok=4, n_defect=4, seed=2, size=48)
+    shutil.copy(root / "ok" / "ok_00000.png", root / "ok" / "again.png")
+    shutil.copy(root / "ok" / "ok_00001.png", root / "defect" / "disputed.png")
+    single = load_folders([root])
+    assert [s.name for s in single.samples] == [s.name for s in load_folder(root)] and len(single.samples) == 10
+    d = single.duplicates
+    assert (d["duplicates_dropped"], d["conflicting_labels_dropped"]) == (0, 0)
+    assert (d["duplicates_kept"], d["conflicting_labels_kept"]) == (2, 2)
+    assert single.images["ok/ok_00000.png"]["same_picture_as"] == ["ok/again.png"]
+
+
 # --- --init-from: the previous model is the start, and only a model of the same shape ---------------------------
 
 

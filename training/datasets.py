@@ -159,8 +159,10 @@ def load_folders(
     stratification groups, so every folder is split train/val/test in proportion. A picture that occurs more
     than once (by `content_hash`, in one folder or across folders) is kept once, its first copy in --data
     order, and the others are counted; when the copies disagree on the class (ok in one folder, defect in
-    another) none is kept: the label is in dispute, and training on either would be a guess. A folder with a
-    review export's provenance.json has each picture's inspection, station, model and labeller recorded.
+    another) none is kept: the label is in dispute, and training on either would be a guess. A single folder
+    is loaded whole, as `load_folder` always has (so the splits of earlier runs on it stay reproducible), its
+    duplicates counted but kept. A folder with a review export's provenance.json has each picture's
+    inspection, station, model and labeller recorded.
     """
     roots = [Path(r) for r in roots]
     if not roots:
@@ -203,16 +205,19 @@ def load_folders(
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i, (_, digest, _) in enumerate(loaded):
         by_hash[digest].append(i)
+    # One folder is loaded as it always was (every file: its runs' splits stay reproducible); its duplicates
+    # are counted only. Combining folders drops them.
+    drop = len(roots) > 1
     keep: list[int] = []
     conflicting: list[list[str]] = []
-    dropped_same_label = 0
+    extra_copies = 0
     for indices in by_hash.values():
-        labels = {loaded[i][0].label for i in indices}
-        if len(labels) > 1:
+        if len({loaded[i][0].label for i in indices}) > 1:
             conflicting.append([loaded[i][0].name for i in indices])
-            continue
-        keep.append(indices[0])
-        dropped_same_label += len(indices) - 1
+            if drop:
+                continue
+        extra_copies += len(indices) - 1
+        keep += [indices[0]] if drop else indices
     keep.sort()
 
     samples: list[Sample] = []
@@ -222,7 +227,7 @@ def load_folders(
         sample, digest, prov = loaded[i]
         copies = [loaded[j][0].name for j in by_hash[digest] if j != i]
         if copies:
-            prov["duplicates_dropped"] = copies
+            prov["duplicates_dropped" if drop else "same_picture_as"] = copies
         samples.append(sample)
         images[sample.name] = prov
         kept_per_source[prov["source"] - 1] += 1
@@ -238,14 +243,17 @@ def load_folders(
         if source["kind"] == "review export":
             source["models"] = _tally(p["review"].get("model_id") for p in mine if p.get("review"))
             source["labellers"] = _tally(p["review"].get("labeller") for p in mine if p.get("review"))
+    n_conflicting = sum(len(c) for c in conflicting)
     duplicates = {
         "images_read": len(loaded), "images_kept": len(samples),
-        "duplicates_dropped": dropped_same_label,
-        "conflicting_labels_dropped": sum(len(c) for c in conflicting),
+        "duplicates_dropped": extra_copies if drop else 0,
+        "conflicting_labels_dropped": n_conflicting if drop else 0,
         # The disputed pictures' copies by name (the first 20 pictures); same-label copies are listed under
-        # their kept image's `duplicates_dropped`.
+        # their kept image's `duplicates_dropped` (one folder: `same_picture_as`).
         "conflicting_examples": conflicting[:20],
     }
+    if not drop:
+        duplicates.update(duplicates_kept=extra_copies, conflicting_labels_kept=n_conflicting)
     if not samples:
         raise DatasetError(f"no images left in {', '.join(map(str, roots))} after dropping duplicates")
     return CombinedDataset(samples, images, sources, duplicates)

@@ -443,11 +443,16 @@ def _sources_markdown(sources: list[Mapping[str, Any]], duplicates: Mapping[str,
         tag = f"{s['tag']}: " if s.get("tag") else ""
         lines.append(f"| {tag}`{s['folder']}` | {s['kind']} | {s['images']} | {s['kept']} ({s['ok']} / {s['defect']}) "
                      f"| {where} | {who} |")
-    if duplicates:
+    if "duplicates_kept" in duplicates:
+        lines += ["", f"One folder is read whole, as always: it holds {duplicates['duplicates_kept']} extra copies of "
+                  f"a picture (by its decoded pixels), {duplicates['conflicting_labels_kept']} of them images whose "
+                  "copies disagree on the class; none is dropped."]
+    elif duplicates:
         lines += ["", f"The same picture (by its decoded pixels) more than once: {duplicates['duplicates_dropped']} "
                   f"extra copies dropped, and {duplicates['conflicting_labels_dropped']} images dropped whose copies "
-                  "disagree on the class. Each image's folder and, for a review export, its inspection, station, "
-                  "model and labeller are in the run's run.json under `data.images`."]
+                  "disagree on the class."]
+    lines += ["", "Each image's folder and content hash and, for a review export, its inspection, station, model "
+              "and labeller are in the run's run.json under `data.images`."]
     return [*lines, ""]
 
 

@@ -621,6 +621,9 @@ def _print_sources(combined: CombinedDataset) -> None:
     if d["duplicates_dropped"] or d["conflicting_labels_dropped"]:
         print(f"duplicates by content: {d['duplicates_dropped']} extra copies dropped, "
               f"{d['conflicting_labels_dropped']} images dropped whose copies disagree on the class")
+    if d.get("duplicates_kept"):
+        print(f"note: {d['duplicates_kept']} extra copies of a picture in the folder ({d['conflicting_labels_kept']} "
+              "images whose copies disagree on the class), kept: a single folder is read whole")
 
 
 def evaluate_run(run_dir: Path, data_dir: Path | Sequence[Path] | None = None, default_data: bool = False) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import sys
-import threading
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +33,7 @@ from engines.cuda_memory import (
     fatal_cuda_error,
     live_resources,
 )
+from tests.support.threads import run_on_thread
 
 SHAPE = (1, 3, 64, 64)  # one small preprocessed frame
 
@@ -74,25 +74,6 @@ def buffers(ctx: CudaContext) -> Iterator[FrameBuffers]:
     made = FrameBuffers()
     yield made
     made.free()
-
-
-def run_on_thread(target: Callable[[], Any], name: str) -> Any:
-    """Run `target` on a new thread; return its result or re-raise its exception here."""
-    outcome: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            outcome["result"] = target()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=body, name=name)
-    worker.start()
-    worker.join(timeout=120)
-    assert not worker.is_alive(), f"thread {name} did not finish"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("result")
 
 
 AFFINE_KERNEL = """

@@ -50,6 +50,7 @@ from engines.manifest import DeviceInfo, load_manifest, manifest_path
 from engines.plan import BuildPlan, BuildRequest, plan_build
 from engines.store import timing_cache_path
 from engines.validate import Validation, golden_reference, validate
+from tests.support.threads import run_on_thread
 from tests.test_cuda_memory import FakeDriver
 from tests.test_engine_build_logic import FakeTensorRT
 
@@ -542,25 +543,6 @@ def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDriver]:
     before = live_resources()
     yield fake
     assert live_resources() == before, "a test left CUDA resources allocated"
-
-
-def run_on_thread(target: Callable[[], Any], name: str) -> Any:
-    """Run `target` on a new thread named `name`; its result, or its exception re-raised here."""
-    outcome: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            outcome["result"] = target()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=body, name=name)
-    worker.start()
-    worker.join(timeout=30)
-    assert not worker.is_alive(), f"thread {name} did not finish"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("result")
 
 
 def test_a_copy_from_another_thread_is_refused_before_any_cuda_call(driver: FakeDriver) -> None:

@@ -8,8 +8,6 @@ machine allows mounting one.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -30,6 +28,7 @@ from appliance.runtime import build_station
 from appliance.station.inspection import Evidence, InspectionRecord
 from appliance.station.modes import ModeControl
 from bundle.decision import Mode
+from tests.support.disks import fill, needs_mount, tmpfs_at
 from tests.support.frames import part_image, write_frames
 from tests.support.settings import station_settings
 from tests.support.waiting import wait_until
@@ -392,42 +391,11 @@ def test_a_running_station_queues_exactly_the_manual_shadow_and_sampled_parts(tm
 # --- storage faults of the review folder under a running station -------------------------------------------------
 
 
-def _can_mount() -> str | None:
-    if os.geteuid() != 0:
-        return "mounting a small tmpfs needs root (CI runs as root)"
-    if shutil.which("mount") is None:
-        return "no mount command"
-    return None
-
-
-needs_mount = pytest.mark.skipif(_can_mount() is not None, reason=str(_can_mount()))
-
-
 @pytest.fixture
 def review_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MB tmpfs mounted where the station's review folder goes (data dir tmp_path/var)."""
-    mount_point = tmp_path / "var" / "review"
-    mount_point.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs_at(tmp_path / "var" / "review", "4m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-
-
-def _fill(folder: Path) -> Path:
-    filler = folder / "filler.bin"
-    with filler.open("wb", buffering=0) as f:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while f.write(b"\0" * size):
-                    pass
-            except OSError:
-                pass
-    return filler
 
 
 @needs_mount
@@ -440,7 +408,7 @@ def test_a_read_only_or_full_review_folder_loses_no_record_and_never_stops_produ
     if fault == "read_only":
         subprocess.run(["mount", "-o", "remount,ro", str(review_tmpfs)], check=True)
     else:
-        filler = _fill(review_tmpfs)
+        filler = fill(review_tmpfs)
     station = build_station(settings, echo=False)
     station.start()
     try:

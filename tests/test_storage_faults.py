@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,51 +24,19 @@ from appliance.reporting.recorder import StoreWriter
 from appliance.reporting.results_log import LoggedEvent, ResultsLog
 from appliance.station.inspection import InspectionRecord
 from bundle.decision import Mode
+from tests.support.disks import fill, needs_mount, tmpfs_at
 from tests.support.mqtt import Subscriber, needs_mosquitto, start_station, stop_station, trigger_parts
 from tests.support.settings import station_settings
 from tests.support.waiting import wait_until
 from tools.broker import MosquittoBroker
 
 
-def _can_mount() -> str | None:
-    """None when this process may mount a tmpfs, else why not."""
-    if os.geteuid() != 0:
-        return "mounting a small tmpfs needs root (CI runs as root)"
-    if shutil.which("mount") is None:
-        return "no mount command"
-    return None
-
-
-needs_mount = pytest.mark.skipif(_can_mount() is not None, reason=str(_can_mount()))
-
-
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 32 MB tmpfs of our own (a disk that can be filled to the last byte, or made read-only). Not smaller:
     SQLite's WAL files grow to about 4 MB each before a checkpoint, and stay that size."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs_at(tmp_path / "disk", "32m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-
-
-def _fill(folder: Path) -> Path:
-    """Write a filler file until the file system is full (ENOSPC); returns it."""
-    filler = folder / "filler.bin"
-    with filler.open("wb", buffering=0) as f:  # unbuffered: nothing left to flush (and fail) at close
-        for size in (65536, 4096, 512, 1):  # down to the last byte
-            try:
-                while f.write(b"\0" * size):
-                    pass
-            except OSError:
-                pass
-    return filler
 
 
 class Locker:
@@ -228,7 +195,7 @@ def test_a_full_disk_loses_no_part_keeps_the_link_alive_and_heartbeats_going(
     try:
         trigger_parts(station, [f"P-{i}" for i in range(5)])
         assert control_room.wait_for(lambda: len(_parts_received(control_room)) == 5)
-        filler = _fill(tmpfs)
+        filler = fill(tmpfs)
         full_since = time.monotonic()
         trigger_parts(station, [f"Q-{i}" for i in range(30)], pause=0.05)
         assert control_room.wait_for(lambda: _events(control_room, "storage_fault"), 15)
@@ -422,7 +389,7 @@ def test_outbox_on_a_full_disk_raises_the_real_error_and_keeps_its_counts(tmpfs:
     outbox = Outbox(tmpfs / "outbox.sqlite3")
     ids = outbox.put_many([NewMessage("t/result", json.dumps({"n": i}), 1, "result") for i in range(5)])
     outbox.mark_in_flight(ids[:3])
-    filler = _fill(tmpfs)
+    filler = fill(tmpfs)
     with pytest.raises(sqlite3.OperationalError) as err:
         for i in range(200):  # until a write needs a page the disk does not have
             outbox.put("t/result", json.dumps({"blob": "x" * 4000, "i": i}), 1, "result")

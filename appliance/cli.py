@@ -34,11 +34,20 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         link = mqtt_link_config(settings)  # TLS and password files must exist: ConfigError names the key
         login = f" as {link.username}" if link.username else ""
         mqtt_line = f"{link.broker}{login}  topics {link.topics.prefix}/..."
+    http_line = "off"
+    if settings.http.enabled:
+        from appliance.http.auth import check_exposure, role_tokens
+
+        tokens = role_tokens(settings.http)  # ConfigError: a token too short, shared, or a file unreadable
+        check_exposure(settings.http, tokens)
+        roles = ", ".join(tokens) or "none (loopback only)"
+        http_line = f"http://{settings.http.bind}:{settings.http.port}  token roles: {roles}"
     print(f"{args.file}: OK")
     print(f"  station  {settings.station.site}/{settings.station.line}/{settings.station.id}")
     print(f"  model    {settings.model.bundle}  backend={settings.inference.backend}")
     print(f"  camera   {settings.camera.source}  trigger={settings.trigger.mode}")
     print(f"  mqtt     {mqtt_line}")
+    print(f"  http     {http_line}")
     return 0
 
 

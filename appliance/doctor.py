@@ -61,6 +61,7 @@ class Doctor:
             _run("engine", self.engine),
             _run("camera", self.camera),
             _run("broker", self.broker),
+            _run("HTTP API", self.http),
             _run("disk", self.disk),
         ]
 
@@ -135,6 +136,31 @@ class Doctor:
             return "FAIL", f"{state.source}: no frame within {self.camera_timeout_s:g} s{why}"
         finally:
             source.close()
+
+    def http(self) -> tuple[Outcome, str]:
+        """The [http] tokens and exposure as `appliance run` checks them, and whether its port can be had."""
+        h = self.settings.http
+        if not h.enabled:
+            return "SKIP", "http.enabled = false"
+        import socket
+        import urllib.error
+        import urllib.request
+
+        from appliance.http.auth import check_exposure, role_tokens
+
+        check_exposure(h, role_tokens(h))  # ConfigError (a FAIL naming the key) as at start
+        where = f"{h.bind}:{h.port}"
+        try:
+            with socket.create_server((h.bind, h.port)):
+                return "PASS", f"tokens valid; {where} is free to listen on"
+        except OSError as exc:
+            try:  # taken: by this station's own API (doctor beside a running station), or by something else?
+                with urllib.request.urlopen(f"http://{where}/inspector", timeout=2) as answer:
+                    if b"inspector" in answer.read(4096).lower():
+                        return "PASS", f"tokens valid; a station's API already answers on {where} (this one running?)"
+            except (OSError, urllib.error.URLError):
+                pass
+            return "FAIL", f"cannot listen on {where}: {exc.strerror or exc} (another program holds the port?)"
 
     def broker(self) -> tuple[Outcome, str]:
         if not self.settings.mqtt.enabled:

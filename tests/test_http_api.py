@@ -184,6 +184,10 @@ def test_bad_requests_get_415_or_422_with_the_reason(api):
     two = [("image", ("a.png", image, "image/png")), ("image", ("b.png", image, "image/png"))]
     r = client.post("/inspect", files=two, headers=auth("line_pc"))
     assert r.status_code == 422 and "more than one" in r.json()["detail"]
+    # two part ids: which would the record carry? Refused as two images are
+    r = client.post("/inspect", files={"image": ("a.png", image, "image/png")},
+                    data={"part_id": ["A1", "B2"]}, headers=auth("line_pc"))
+    assert r.status_code == 422 and "more than one 'part_id'" in r.json()["detail"]
 
 
 def test_a_body_over_max_upload_bytes_is_refused_with_413_before_it_is_read(api):
@@ -530,7 +534,8 @@ def test_results_are_paged_forward_by_seq_or_time_with_the_next_cursor(api):
 
 @pytest.mark.parametrize(("params", "says"), [({"limit": 1001}, "less than or equal to 1000"),
                                               ({"limit": 0}, "greater"),
-                                              ({"since": "yesterday"}, "neither a result seq")])
+                                              ({"since": "yesterday"}, "neither a result seq"),
+                                              ({"since": "9" * 23}, "at most 18 digits")])
 def test_results_refuse_a_bad_cursor_or_limit_with_422(api, params: dict[str, Any], says: str):
     _, client = api
     r = client.get("/results", params=params, headers=auth("inspector"))

@@ -199,6 +199,11 @@ def test_a_label_is_stored_with_its_history_the_latest_wins_and_each_is_a_label_
     # the same message id again: recorded once
     again = label(client, inspection_id=iid, verdict="fail", defect_type="crack", message_id="web-1")
     assert again.status_code == 200 and again.json()["label"]["seq"] == first["seq"]
+    # the same message id for another part is not a resend: refused, rather than that label silently dropped
+    other = next(i["inspection_id"] for i in queued(served) if i["inspection_id"] != iid)
+    reused = label(client, inspection_id=other, verdict="pass", message_id="web-1")
+    assert reused.status_code == 422 and reused.json()["field"] == "message_id", reused.text
+    assert not station.review.store.labels(other)
     # a correction by an admin with a name: the later label counts, the first one stays
     r = label(client, "admin", inspection_id=iid, verdict="pass", labeller="A. Schmidt")
     assert r.status_code == 200, r.text

@@ -228,3 +228,12 @@ def test_the_review_settings_in_the_readme_are_the_defaults_and_bad_values_are_n
     err = capsys.readouterr().err
     assert "review.audit_rate = 1.5" in err and "review.image_format = 'gif'" in err
     assert "review.promotion.confidence = 1.0" in err
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "many"])
+def test_review_list_refuses_a_limit_below_one(limit: str, capsys: pytest.CaptureFixture[str]):
+    from appliance.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["review", "list", "--limit", limit])
+    assert exit_.value.code == 2 and "--limit" in capsys.readouterr().err

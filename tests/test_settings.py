@@ -79,6 +79,40 @@ def test_check_config_accepts_a_good_file(tmp_path: Path, capsys: pytest.Capture
     assert "OK" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("http, says", [
+    ('enabled = true\n[http.tokens]\nline_pc = "short"\n', "http.tokens.line_pc: a token must be at least 16"),
+    ('enabled = true\nbind = "0.0.0.0"\n', "http.bind = '0.0.0.0' without any token"),
+    ('enabled = true\n[http.tokens]\ninspector = "aaaaaaaaaaaaaaaaaaaa"\nadmin = "aaaaaaaaaaaaaaaaaaaa"\n',
+     "http.tokens.admin is the same token as http.tokens.inspector"),
+    ('enabled = true\n[http.tokens]\ninspector_file = "/nonexistent/token"\n', "cannot be read"),
+])
+def test_check_config_and_doctor_refuse_what_appliance_run_would_refuse_in_http(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], http: str, says: str):
+    from appliance.doctor import Doctor
+    from appliance.settings import load_settings
+
+    config = _write(tmp_path, "[mqtt]\nenabled = false\n[http]\n" + http)
+    assert main(["check-config", str(config)]) == 2
+    assert says in capsys.readouterr().err
+    check = next(c for c in Doctor(load_settings(config)).checks() if c.name == "HTTP API")
+    assert check.outcome == "FAIL" and says in check.detail
+
+
+def test_doctor_says_whether_the_http_port_can_be_had(tmp_path: Path):
+    import socket
+
+    from appliance.doctor import Doctor
+    from appliance.settings import load_settings
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = _write(tmp_path, f"[mqtt]\nenabled = false\n[http]\nenabled = true\nport = {port}\n")
+        check = next(c for c in Doctor(load_settings(config)).checks() if c.name == "HTTP API")
+        assert check.outcome == "FAIL" and f"cannot listen on 127.0.0.1:{port}" in check.detail
+    check = next(c for c in Doctor(load_settings(config)).checks() if c.name == "HTTP API")
+    assert check.outcome == "PASS" and "free" in check.detail
+
+
 def test_missing_file_and_broken_toml_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["check-config", str(tmp_path / "nope.toml")]) == 2
     assert "nope.toml does not exist" in capsys.readouterr().err

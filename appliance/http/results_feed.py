@@ -45,6 +45,8 @@ def parse_since(text: str | None) -> Since:
         return Since()
     text = text.strip()
     if text.isdigit():
+        if len(text) > 18:  # SQLite integers are 64-bit; no results log comes near 10**18 rows
+            raise ValueError(f"since={text[:60]!r}: a result seq is at most 18 digits")
         return Since(seq=int(text))
     try:
         at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))

@@ -415,7 +415,7 @@ def review_router(review: ReviewSink | None, spec: PreprocessSpec | None = None,
             return _not_found(body.inspection_id)
         except ValueError as exc:  # the store's own rules (check_label): a defect type with `pass`, ...
             text = str(exc)
-            field = next((f for f in ("defect_type", "labeller", "verdict") if text.startswith(f)),
+            field = next((f for f in ("defect_type", "labeller", "verdict", "message_id") if text.startswith(f)),
                          "defect_type" if "defect type" in text else None)
             return JSONResponse({"detail": text, "field": field}, 422)
         except (sqlite3.Error, OSError) as exc:

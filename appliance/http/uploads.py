@@ -137,6 +137,8 @@ class _Form:
                     raise UploadError(422, f"more than one {IMAGE_FIELD!r} field: one image per request")
                 image, filename = bytes(body), _SAFE_NAME.sub("_", given or "")[:100]
             elif name and given is None:  # a text field; another file is ignored
+                if name in fields:  # which of two part ids is the part? Refused, as two images are
+                    raise UploadError(422, f"more than one {name[:40]!r} field: send it once")
                 try:
                     fields[name] = body.decode("utf-8")
                 except UnicodeDecodeError:

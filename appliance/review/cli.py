@@ -37,6 +37,17 @@ class ReviewError(ApplianceError):
     """The review store cannot be read or written, or a label is refused (exit 1)."""
 
 
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
+
 def add_parser(sub: Any) -> None:
     """Add `review` and its subcommands to the `appliance` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
@@ -51,7 +62,7 @@ def add_parser(sub: Any) -> None:
                         "latest label; each with its picture's path.")
     q.add_argument("--all", action="store_true", help="also items whose picture was evicted (labelled ones keep a row)")
     q.add_argument("--unlabelled", action="store_true", help="only items without a label")
-    q.add_argument("--limit", type=int, default=None, help="at most this many lines")
+    q.add_argument("--limit", type=_positive, default=None, help="at most this many lines (1 or more)")
     q.add_argument("--json", action="store_true", help="one JSON object per line")
     q.set_defaults(func=cmd_list)
 

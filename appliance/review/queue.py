@@ -400,7 +400,11 @@ class ReviewStore(SqliteStore):
                 row = db.execute(f"SELECT {_LABEL_COLUMNS} FROM labels WHERE source = ? AND message_id = ?",
                                  (source, message_id)).fetchone()
                 if row is not None:
-                    return Label(*row)
+                    known = Label(*row)
+                    if known.inspection_id != inspection_id:  # not a resend: a reused id must not drop a label
+                        raise ValueError(f"message_id {message_id!r} was already used for the label of inspection "
+                                         f"{known.inspection_id}, not {inspection_id}: send a new message_id")
+                    return known
             if db.execute("SELECT 1 FROM items WHERE inspection_id = ?", (inspection_id,)).fetchone() is None:
                 raise UnknownInspection(inspection_id)
             cur = db.execute("INSERT INTO labels (inspection_id, verdict, defect_type, labeller, labelled_at, source, "

@@ -294,6 +294,8 @@ def test_promotion_says_not_met_with_how_many_labels_are_missing(served):
     assert body["model_id"] == station.pipeline.status().model_id
     assert body["met"] is False and body["more_labels_needed"] > 0
     assert len(body["criteria"]) == 3 and not all(c["met"] for c in body["criteria"])
+    # an empty model_id is no model id: the running model is judged
+    assert client.get("/promotion", params={"model_id": ""}, headers=auth("inspector")).json() == body
     assert client.get("/promotion", headers=auth("line_pc")).status_code == 403
 
 

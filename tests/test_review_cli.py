@@ -71,6 +71,10 @@ def test_list_shows_unlabelled_items_first_with_their_pictures(tmp_path: Path, q
     assert [line.split()[0] for line in lines[1:]][-1] == "insp-0003"  # labelled: last
     assert "labelled fail by ana" in lines[-1] and "unlabelled" in lines[1]
     assert "images/" in lines[1] and ".png" in lines[1]
+    # a page of the queue still says how big the queue is
+    assert main(["review", "list", "--config", str(config), "--limit", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("22 item(s), 21 unlabelled, 3 shown (--limit)") and len(lines) == 4
     assert main(["review", "list", "--config", str(config), "--json", "--unlabelled", "--limit", "2"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["inspection_id"] for r in rows] == ["insp-0000", "insp-0001"] and rows[0]["label"] is None

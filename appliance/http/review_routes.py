@@ -444,7 +444,7 @@ def review_router(review: ReviewSink | None, spec: PreprocessSpec | None = None,
         if criteria is None:
             raise HTTPException(503, "no promotion criteria behind this application")
         try:
-            model, _labelled, verdict = promotion_verdict(sink().store, criteria, model_id)
+            model, _labelled, verdict = promotion_verdict(sink().store, criteria, model_id or None)
         except (sqlite3.Error, OSError) as exc:
             raise _unavailable(exc) from None
         return {"model_id": model, **verdict.as_dict()}

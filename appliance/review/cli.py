@@ -132,14 +132,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         items = store.items(include_evicted=args.all, labelled=False if args.unlabelled else None)
     finally:
         store.close()
+    total, unlabelled = len(items), sum(i.label is None for i in items)  # the queue's, not the page's
     if args.limit is not None:
         items = items[:args.limit]
     if args.json:
         for row in iter_rows(items):
             print(json.dumps(row))
         return 0
-    unlabelled = sum(i.label is None for i in items)
-    print(f"{len(items)} item(s), {unlabelled} unlabelled  ({store.folder})")
+    shown = f", {len(items)} shown (--limit)" if len(items) < total else ""
+    print(f"{total} item(s), {unlabelled} unlabelled{shown}  ({store.folder})")
     for i in items:
         score = "-" if i.score is None else f"{i.score:.4f}"
         label = "unlabelled" if i.label is None else (

@@ -241,3 +241,21 @@ def test_review_list_refuses_a_limit_below_one(limit: str, capsys: pytest.Captur
     with pytest.raises(SystemExit) as exit_:
         main(["review", "list", "--limit", limit])
     assert exit_.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path: Path, queue: ReviewStore,
+                                                 monkeypatch: pytest.MonkeyPatch):
+    # `appliance review list | head -1`: the pipe's reader closes; the command ends quietly with 0
+    import os
+
+    from appliance.cli import main
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr("sys.stdout", stdout)
+    try:
+        assert main(["review", "list", "--config", str(_config(tmp_path))]) == 0
+    finally:
+        monkeypatch.undo()
+        stdout.close()

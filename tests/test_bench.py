@@ -22,7 +22,8 @@ from tools.bench.report import check_targets, median_run
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = 8
-CASES = ("backend", "pipeline", "naive")
+CASES = ("backend", "pipeline", "pipeline_review", "naive", "inspect")
+WARMUP = 2
 STAGES = ("queue_ms", "slot_wait_ms", "preprocess_ms", "infer_wait_ms", "infer_ms", "decide_wait_ms", "end_to_end_ms")
 TARGETS = ("pipeline_vs_backend_throughput", "pipeline_vs_naive_throughput", "pipeline_e2e_p99_over_p50",
            "pipeline_peak_rss")
@@ -32,7 +33,7 @@ TARGETS = ("pipeline_vs_backend_throughput", "pipeline_vs_naive_throughput", "pi
 def bench(bundle_dir: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.bench", "--frames", str(FRAMES), "--warmup", "2", "--repeats", "1",
+        [sys.executable, "-m", "tools.bench", "--frames", str(FRAMES), "--warmup", str(WARMUP), "--repeats", "1",
          "--bundle", str(bundle_dir), "--run", str(trained_run), "--out-dir", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
     )
@@ -64,19 +65,41 @@ def test_every_case_reports_positive_finite_numbers(bench: dict[str, Any]):
     cases = bench["report"]["cases"]
     assert set(cases) == set(CASES)
     for name, case in cases.items():
-        assert case["frames"] == FRAMES, name
+        frames = FRAMES - WARMUP if name == "inspect" else FRAMES  # (h): --uploads clipped to what warm-up leaves
+        assert case["frames"] == frames, name
         assert _finite_positive(case["throughput_per_s"]), name
         assert _finite_positive(case["cpu"]["wall_s"]), name
         assert _finite_positive(case["process"]["peak_rss_mb"]), name
         assert case["repeats"]["throughput_per_s"] == [case["throughput_per_s"]], name
         assert "scores" not in case, name  # per-frame scores feed score_agreement, not the report
         for stat in case["latency_ms"].values():
-            assert stat["n"] == FRAMES, name
+            assert stat["n"] == frames, name
             for q in ("p50", "p99", "mean", "max"):
                 assert math.isfinite(stat[q]) and stat[q] >= 0, (name, q)
             assert stat["p50"] <= stat["p99"] <= stat["max"], name
     assert set(cases["pipeline"]["latency_ms"]) == set(STAGES)
     assert all(_finite_positive(cases["pipeline"]["latency_ms"][k]["p50"]) for k in ("infer_ms", "end_to_end_ms"))
+
+
+def test_review_cost_and_inspect_cases_are_reported_with_positive_numbers(bench: dict[str, Any]):
+    report = bench["report"]
+    cases = report["cases"]
+    assert cases["pipeline"]["review"] == {"enabled": False}
+    review = cases["pipeline_review"]["review"]
+    assert review["enabled"] is True and review["audit_rate"] == 1.0 and review["flushed"] is True
+    assert review["queued"] == FRAMES and review["refused"] == 0 and _finite_positive(review["bytes"])
+    assert all(_finite_positive(v) for v in report["review_cost"].values()), report["review_cost"]
+    inspect = cases["inspect"]
+    assert report["inputs"]["uploads"] == FRAMES - WARMUP
+    assert _finite_positive(inspect["trigger_parts_per_s"])
+    for key in ("http_round_trip_ms", "processing_time_ms", "upload_end_to_end_ms", "trigger_to_decided_ms",
+                "trigger_end_to_end_ms"):
+        assert all(_finite_positive(inspect["latency_ms"][key][q]) for q in ("p50", "p99")), key
+    assert inspect["process"]["torch_imported"] is False
+    lines = bench["stdout"].splitlines()
+    for label in ("(g) (b) + review, audit_rate 1.0", "(h) POST /inspect, 1 at a time", "(b) appliance pipeline, "
+                  "review off", "    (g) / (b)", "    processing_time_ms (answer)"):
+        assert any(x.startswith(label) for x in lines), label
 
 
 def test_pipeline_inspects_every_frame_without_torch(bench: dict[str, Any]):
@@ -90,7 +113,7 @@ def test_pipeline_inspects_every_frame_without_torch(bench: dict[str, Any]):
 
 def test_all_cases_score_the_same_model(bench: dict[str, Any]):
     agreement = bench["report"]["score_agreement"]
-    assert set(agreement) == {"backend", "naive"}
+    assert set(agreement) == {"backend", "pipeline_review", "naive"}  # (h) holds no per-frame scores
     assert all(v is not None and v < 1e-3 for v in agreement.values()), agreement
 
 

@@ -1,4 +1,4 @@
-"""`python -m tools.bench` (`make bench`): prepare the inputs, run the three cases, print and save the report.
+"""`python -m tools.bench` (`make bench`): prepare the inputs, run the cases, print and save the report.
 
 Exit 0 whenever the numbers were produced, targets met or not (a missed target is printed as MISSED and
 recorded in bench.json); exit 1 when a step failed, 2 for bad arguments.
@@ -18,7 +18,7 @@ from typing import Any
 from tools.bench.cases import CASES
 from tools.bench.errors import BenchError
 from tools.bench.inputs import FRAME_HEIGHT, FRAME_WIDTH, Prepared, ensure_frames, ensure_model, repo_root
-from tools.bench.report import check_targets, format_table, machine_info, median_run, score_agreement
+from tools.bench.report import check_targets, format_table, machine_info, median_run, review_cost, score_agreement
 
 REPORT_SCHEMA_VERSION = 1
 NOTES = [
@@ -31,6 +31,13 @@ NOTES = [
     "its run with the median throughput (all runs' throughputs are under repeats)",
     "the pipeline's process never imports torch",
     "the model was trained for one step: speed depends on architecture and input size, not on the weights",
+    "review queue: (b) runs with review.enabled = false; (g) is (b) with review.enabled = true and "
+    "review.audit_rate = 1.0 (every part's frame written as a PNG by the review writer thread); (g)'s timed window "
+    "ends at join() like (b)'s, the review writer's remaining backlog after that is review.drain_after_join_s",
+    "(h): --uploads frames, one at a time after --warmup untimed ones, POSTed to /inspect (camera source none, "
+    "HTTP on loopback, no tokens) with httpx, against the same frames from the folder in trigger mode, one trigger "
+    "at a time; processing_time_ms (upload received -> decided) compares with trigger -> decided, the round trip "
+    "adds HTTP; parts/s of (h) is sequential uploads, one in flight, not a throughput. Review off in both",
 ]
 
 
@@ -45,13 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tools.bench",
         description="CPU benchmark of the station runtime: (a) bare ONNX Runtime backend, (b) the whole appliance "
-        "pipeline from a folder of frames, (c) a naive per-frame PyTorch loop. Inputs are cached in --out-dir.",
+        "pipeline from a folder of frames, (c) a naive per-frame PyTorch loop, (g) (b) with every part queued for "
+        "review, (h) POST /inspect against the folder in trigger mode. Inputs are cached in --out-dir.",
     )
     p.add_argument("--frames", type=_positive, default=300, help="camera frames to inspect per case (default 300)")
     p.add_argument("--threads", type=_positive, default=2, help="ONNX Runtime intra-op threads, (a) and (b)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before (a) and (c) (default 10)")
     p.add_argument("--repeats", type=_positive, default=3,
-                   help="rounds of the three cases; each case reports its median-throughput run (default 3)")
+                   help="rounds of the cases; each case reports its median-throughput run (default 3)")
+    p.add_argument("--uploads", type=_positive, default=100,
+                   help="(h): uploads to POST /inspect and triggers of the folder station, one at a time (default "
+                   "100; at most --frames minus --warmup)")
     p.add_argument("--out-dir", type=Path, default=Path("artifacts/bench"), help="cache and report folder")
     p.add_argument("--json", type=Path, help="report file (default OUT_DIR/bench.json)")
     p.add_argument("--bundle", type=Path, help="use this model bundle instead of training one (needs --run)")
@@ -93,11 +104,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     meta = json.loads((bundle.path / "metadata.json").read_text())
     pre = meta["preprocess"]
     ort = ["--bundle", str(bundle.path), "--threads", str(args.threads)]
-    case_args = {"backend": [*ort, "--warmup", str(args.warmup)], "pipeline": [*ort, "--scratch", str(bench_dir)],
-                 "naive": ["--run", str(run.path), "--warmup", str(args.warmup)]}
+    uploads = min(args.uploads, args.frames - args.warmup)
+    if uploads < 1:
+        raise BenchError(f"--frames {args.frames} leaves no frame for (h) after --warmup {args.warmup}")
+    pipeline_args = [*ort, "--scratch", str(bench_dir)]
+    case_args = {"backend": [*ort, "--warmup", str(args.warmup)], "pipeline": pipeline_args,
+                 "pipeline_review": pipeline_args, "naive": ["--run", str(run.path), "--warmup", str(args.warmup)],
+                 "inspect": [*pipeline_args, "--warmup", str(args.warmup), "--uploads", str(uploads)]}
     runs: dict[str, list[dict[str, Any]]] = {case: [] for case in CASES}
     with tempfile.TemporaryDirectory(prefix="bench-results-") as work:
-        # Round after round of all three cases rather than one case R times: a slow spell of the host hits
+        # Round after round of all the cases rather than one case R times: a slow spell of the host hits
         # different cases in different rounds instead of skewing one case's every run.
         for r in range(args.repeats):
             for case in CASES:
@@ -116,10 +132,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "frames_origin": frames.origin, "bundle": str(bundle.path), "bundle_origin": bundle.origin,
             "run": str(run.path), "run_origin": run.origin, "backbone": meta.get("backbone"),
             "model_input": f"{pre['input_width']}x{pre['input_height']} {pre['color']}",
-            "ort_threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
+            "ort_threads": args.threads, "warmup": args.warmup, "repeats": args.repeats, "uploads": uploads,
         },
         "cases": cases,
         "score_agreement": agreement,
+        "review_cost": review_cost(cases),
         "targets": targets,
         "all_targets_met": all(t["met"] for t in targets.values()),
         "notes": NOTES,

@@ -12,6 +12,18 @@ What each case times (time.perf_counter, after the model is loaded):
   no warm-up: the first part pays the session's first-run cost, as it does at a station.
 - naive: N frames, each read, preprocessed, inferred and soft-maxed one at a time, after `--warmup`
   untimed frames.
+- pipeline runs with the review queue off (`review.enabled = false`); pipeline_review is the same with the
+  review queue on and `review.audit_rate = 1.0` (every part queued, its frame written as a PNG by the review
+  writer thread). The timed window ends at `join()`, as for pipeline; how long the review writer still took
+  after that to write its backlog is reported beside it (`review.drain_after_join_s`), not hidden in it.
+- inspect: one station with camera source "none" and the HTTP API on a free loopback port (no tokens), and
+  `--uploads` of the frames POSTed to /inspect one at a time with httpx, after `--warmup` untimed uploads;
+  then a second station over the same frames from the folder in trigger mode, one trigger at a time, each
+  waited for until its part is decided. Both with the review queue off. Compared: the upload's
+  `processing_time_ms` (upload received -> decided: PNG decode + pipeline) with the trigger's trigger ->
+  decided (PNG read and decode by the folder source + pipeline); the HTTP round trip adds transport,
+  multipart parsing and the JSON answer. Not comparable with the pipeline case's end to end, which runs
+  flat out with parts waiting in queues.
 """
 
 from __future__ import annotations
@@ -31,7 +43,10 @@ from typing import Any
 from tools.bench.errors import BenchError
 from tools.bench.report import system_cpu_seconds
 
-CASES = ("backend", "pipeline", "naive")
+CASES = ("backend", "pipeline", "pipeline_review", "naive", "inspect")
+# The review settings of the two pipeline cases (README, "Runtime benchmark").
+REVIEW_SETTINGS = {"pipeline": {"enabled": False},
+                   "pipeline_review": {"enabled": True, "audit_rate": 1.0, "audit_seed": 0}}
 # record.latency_ms keys, in the order a part meets them.
 STAGE_KEYS = (
     "queue_ms", "slot_wait_ms", "preprocess_ms", "infer_wait_ms", "infer_ms", "decide_wait_ms", "end_to_end_ms",
@@ -213,21 +228,26 @@ def bare_backend(bundle_dir: Path, frames: Path, threads: int, warmup: int) -> d
 # --- (b) the appliance pipeline ---------------------------------------------------------------------------
 
 
-def appliance_pipeline(bundle_dir: Path, frames: Path, threads: int, scratch: Path | None) -> dict[str, Any]:
-    """The station runtime over the folder, as `appliance run` builds it, minus MQTT and console lines."""
-    from appliance.runtime import build_pipeline
+def appliance_pipeline(bundle_dir: Path, frames: Path, threads: int, scratch: Path | None,
+                       review: dict[str, Any]) -> dict[str, Any]:
+    """The station runtime over the folder, as `appliance run` builds it, minus MQTT and console lines.
+
+    `review`: the `[review]` settings (REVIEW_SETTINGS), reported with the numbers."""
+    from appliance.runtime import build_station
     from appliance.settings import StationSettings
 
     n = len(_frame_files(frames))
+    review_out: dict[str, Any] = dict(review)
     with tempfile.TemporaryDirectory(prefix="bench-var-", dir=scratch) as var:
         settings = StationSettings(
             station={"id": "bench"}, model={"bundle": str(bundle_dir)}, camera={"source": str(frames)},
             inference={"backend": "onnxruntime", "threads": threads}, mqtt={"enabled": False},
-            storage={"data_dir": var},
+            storage={"data_dir": var}, review=review,
         )
         # Every result goes to the SQLite log as at a station; the per-part console line is left out, its
         # cost depends on where stderr goes, not on the appliance.
-        pipeline, results = build_pipeline(settings, echo=False)
+        station = build_station(settings, mqtt=False, echo=False)
+        pipeline, results = station.pipeline, station.results
         sampler = ThreadCpuSampler()
         sampler.start()
         t0 = time.perf_counter()
@@ -236,15 +256,21 @@ def appliance_pipeline(bundle_dir: Path, frames: Path, threads: int, scratch: Pa
         window = CpuWindow()
         finished = pipeline.join(timeout=max(120.0, 2.0 * n))
         cpu = window.stop()
-        per_thread = sampler.stop()
         try:
+            if station.review is not None:
+                t1 = time.perf_counter()
+                review_out["flushed"] = station.review.flush(max(60.0, 0.5 * n))
+                review_out["drain_after_join_s"] = time.perf_counter() - t1
+                summary = station.review.summary()
+                review_out.update({k: summary.get(k) for k in ("queued", "refused", "bytes")})
+            per_thread = sampler.stop()
             if not finished:
                 raise BenchError(f"the pipeline did not finish {n} frames within {max(120.0, 2.0 * n):.0f} s")
             if pipeline.crashed:
                 raise BenchError(f"the pipeline crashed: {pipeline.last_error}")
             records = list(results.inspections())
         finally:
-            results.close()
+            station.close()
     unscored = [r for r in records if r.score is None or r.backend != "onnxruntime"]
     if len(records) != n or unscored:
         raise BenchError(f"the pipeline recorded {len(records)} of {n} frames, {len(unscored)} without a model score",
@@ -253,12 +279,121 @@ def appliance_pipeline(bundle_dir: Path, frames: Path, threads: int, scratch: Pa
     for r in records:
         verdicts[r.verdict] = verdicts.get(r.verdict, 0) + 1
     return {
-        "frames": n, "ort_threads": threads, "backend_start_s": backend_start_s,
+        "frames": n, "ort_threads": threads, "backend_start_s": backend_start_s, "review": review_out,
         "throughput_per_s": n / cpu["wall_s"],
         "latency_ms": {k: summarize([r.latency_ms[k] for r in records]) for k in STAGE_KEYS},
         "cpu": cpu, "cpu_s_by_thread": per_thread, "dropped": pipeline.dropped, "verdicts": verdicts,
         "results_log_dir": str(scratch or tempfile.gettempdir()),  # a temporary directory in there, deleted
         "scores": {r.source_name: r.score for r in records},
+    }
+
+
+# --- (h) POST /inspect against the camera path, one part at a time ----------------------------------------
+
+
+class _Decided:
+    """A sink that notes when each part is decided (decide thread), for the triggered folder station."""
+
+    name = "bench-decided"
+
+    def __init__(self) -> None:
+        self.done = threading.Semaphore(0)
+        self.records: list[tuple[float, Any]] = []
+
+    def inspection(self, record: Any, evidence: Any) -> None:
+        self.records.append((time.perf_counter(), record))
+        self.done.release()
+
+    def event(self, kind: str, detail: dict[str, Any]) -> None:
+        pass
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+
+def http_inspect(bundle_dir: Path, frames: Path, threads: int, scratch: Path | None, uploads: int,
+                 warmup: int) -> dict[str, Any]:
+    """`uploads` frames POSTed to /inspect one at a time, then the same frames through the folder, triggered."""
+    import httpx
+
+    from appliance.runtime import build_station
+    from appliance.settings import StationSettings
+
+    files = _frame_files(frames)
+    if warmup + uploads > len(files):
+        raise BenchError(f"--warmup {warmup} + --uploads {uploads} is more than the {len(files)} frames")
+    data = [p.read_bytes() for p in files[:warmup + uploads]]
+    common = {"model": {"bundle": str(bundle_dir)}, "inference": {"backend": "onnxruntime", "threads": threads},
+              "mqtt": {"enabled": False}, "review": {"enabled": False}}
+
+    round_trip: list[float] = []
+    processing: list[float] = []
+    e2e_upload: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="bench-var-", dir=scratch) as var:
+        settings = StationSettings(station={"id": "bench-http"}, camera={"source": "none"},
+                                   storage={"data_dir": var}, http={"enabled": True, "port": 0}, **common)
+        station = build_station(settings, mqtt=False, echo=False)
+        station.start()
+        try:
+            assert station.http is not None
+            with httpx.Client(base_url=f"http://127.0.0.1:{station.http.server.port}", timeout=30) as client:
+                window = None
+                for i, body in enumerate(data):
+                    if i == warmup:
+                        window = CpuWindow()
+                    t0 = time.perf_counter()
+                    r = client.post("/inspect", files={"image": (files[i].name, body, "image/png")})
+                    elapsed = (time.perf_counter() - t0) * 1000
+                    if r.status_code != 200:
+                        raise BenchError(f"POST /inspect answered {r.status_code}: {r.text[:300]}")
+                    if i >= warmup:
+                        answer = r.json()
+                        round_trip.append(elapsed)
+                        processing.append(answer["processing_time_ms"])
+                        e2e_upload.append(answer["latency_ms"]["end_to_end_ms"])
+                assert window is not None
+                cpu = window.stop()
+        finally:
+            station.pipeline.stop()
+            station.pipeline.join(30)
+            station.close()
+
+    trigger_to_decided: list[float] = []
+    e2e_trigger: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="bench-var-", dir=scratch) as var:
+        settings = StationSettings(station={"id": "bench-trigger"}, camera={"source": str(frames)},
+                                   trigger={"mode": "triggered"}, storage={"data_dir": var}, **common)
+        decided = _Decided()
+        station = build_station(settings, mqtt=False, sinks=[decided], echo=False)
+        station.start()
+        try:
+            t_start = time.perf_counter()
+            for i in range(warmup + uploads):
+                t0 = time.perf_counter()
+                station.pipeline.trigger(f"bench-{i}")
+                if not decided.done.acquire(timeout=30):
+                    raise BenchError(f"trigger {i} was not decided within 30 s")
+                t_done, record = decided.records[-1]
+                if i >= warmup:
+                    trigger_to_decided.append((t_done - t0) * 1000)
+                    e2e_trigger.append(record.latency_ms["end_to_end_ms"])
+                if i == warmup - 1:
+                    t_start = time.perf_counter()
+            trigger_wall_s = time.perf_counter() - t_start
+        finally:
+            station.pipeline.stop()
+            station.pipeline.join(30)
+            station.close()
+    return {
+        "frames": uploads, "warmup": warmup, "ort_threads": threads, "review": {"enabled": False},
+        "throughput_per_s": uploads / cpu["wall_s"],  # sequential uploads per second, one in flight
+        "trigger_parts_per_s": uploads / trigger_wall_s,
+        "latency_ms": {
+            "http_round_trip_ms": summarize(round_trip), "processing_time_ms": summarize(processing),
+            "upload_end_to_end_ms": summarize(e2e_upload),
+            "trigger_to_decided_ms": summarize(trigger_to_decided), "trigger_end_to_end_ms": summarize(e2e_trigger),
+        },
+        "cpu": cpu,
     }
 
 
@@ -326,11 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("case", choices=CASES)
     p.add_argument("--frames", type=Path, required=True, help="folder of frames")
     p.add_argument("--result", type=Path, required=True, help="JSON file to write the case's numbers to")
-    p.add_argument("--bundle", type=Path, help="model bundle (backend, pipeline)")
+    p.add_argument("--bundle", type=Path, help="model bundle (all but naive)")
     p.add_argument("--run", type=Path, help="training run holding final.pt (naive)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (backend, pipeline)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls or frames first (backend, naive)")
     p.add_argument("--scratch", type=Path, help="where the pipeline's temporary data directory goes")
+    p.add_argument("--uploads", type=int, default=100, help="timed uploads and triggers (inspect)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.case == "naive":
@@ -342,14 +478,17 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{args.case} needs --bundle")
         if args.case == "backend":
             result = bare_backend(args.bundle, args.frames, args.threads, args.warmup)
+        elif args.case == "inspect":
+            result = http_inspect(args.bundle, args.frames, args.threads, args.scratch, args.uploads, args.warmup)
         else:
-            result = appliance_pipeline(args.bundle, args.frames, args.threads, args.scratch)
+            result = appliance_pipeline(args.bundle, args.frames, args.threads, args.scratch,
+                                        REVIEW_SETTINGS[args.case])
     result["process"] = process_usage()
     args.result.write_text(json.dumps(result))
-    if args.case == "pipeline":
+    if args.case in ("pipeline", "pipeline_review", "inspect"):
         # The station runtime must run without torch (a Jetson image does not carry it); checked last, after
         # everything the pipeline imports on its way, and written above so the report shows it too.
-        assert not result["process"]["torch_imported"], "the appliance pipeline imported torch"
+        assert not result["process"]["torch_imported"], f"the appliance {args.case} case imported torch"
     return 0
 
 

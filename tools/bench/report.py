@@ -23,11 +23,14 @@ OTHER_LOAD_WARN_CORES = 0.1
 SPREAD_WARN = 1.2
 
 # The latency each case's p50/p99 column shows.
-HEADLINE_LATENCY = {"backend": "infer", "pipeline": "end_to_end_ms", "naive": "frame"}
+HEADLINE_LATENCY = {"backend": "infer", "pipeline": "end_to_end_ms", "pipeline_review": "end_to_end_ms",
+                    "naive": "frame", "inspect": "http_round_trip_ms"}
 CASE_LABELS = {
     "backend": "(a) bare ORT backend, infer only",
-    "pipeline": "(b) appliance pipeline, end to end",
+    "pipeline": "(b) appliance pipeline, review off",
+    "pipeline_review": "(g) (b) + review, audit_rate 1.0",
     "naive": "(c) naive PyTorch eager loop",
+    "inspect": "(h) POST /inspect, 1 at a time",
 }
 # Distributions read under these names (not import names), so nothing heavy is imported to learn a version.
 _DISTRIBUTIONS = {"onnxruntime": ("onnxruntime",), "torch": ("torch",), "numpy": ("numpy",),
@@ -138,11 +141,57 @@ def score_agreement(cases: dict[str, dict[str, Any]], reference: str = "pipeline
     ref = cases[reference].get("scores", {})
     out: dict[str, float | None] = {}
     for name, case in cases.items():
-        if name == reference:
-            continue
+        if name == reference or "scores" not in case:
+            continue  # a case without per-frame scores (h) is not compared
         scores = case.get("scores", {})
         common = [k for k in scores if k in ref and ref[k] is not None and scores[k] is not None]
         out[name] = max((abs(scores[k] - ref[k]) for k in common), default=None) if len(common) == len(ref) else None
+    return out
+
+
+def review_cost(cases: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    """(g) against (b): parts/s and end-to-end p50/p99 ratios, review on over review off."""
+    if "pipeline_review" not in cases or "pipeline" not in cases:
+        return None
+    off, on = cases["pipeline"], cases["pipeline_review"]
+    e_off, e_on = off["latency_ms"]["end_to_end_ms"], on["latency_ms"]["end_to_end_ms"]
+    return {"throughput_ratio": on["throughput_per_s"] / off["throughput_per_s"],
+            "e2e_p50_ratio": e_on["p50"] / e_off["p50"], "e2e_p99_ratio": e_on["p99"] / e_off["p99"]}
+
+
+def review_cost_lines(cases: dict[str, dict[str, Any]]) -> list[str]:
+    ratios = review_cost(cases)
+    if ratios is None:
+        return []
+    off, on = cases["pipeline"], cases["pipeline_review"]
+    r = on.get("review", {})
+    e_off, e_on = off["latency_ms"]["end_to_end_ms"], on["latency_ms"]["end_to_end_ms"]
+    return [
+        "",
+        "(g) review queue's cost     parts/s   e2e p50 ms   e2e p99 ms",
+        f"    (b) review off          {off['throughput_per_s']:8.1f} {e_off['p50']:12.1f} {e_off['p99']:12.1f}",
+        f"    (g) audit_rate 1.0      {on['throughput_per_s']:8.1f} {e_on['p50']:12.1f} {e_on['p99']:12.1f}",
+        f"    (g) / (b)               {ratios['throughput_ratio']:7.2f}x {ratios['e2e_p50_ratio']:11.2f}x "
+        f"{ratios['e2e_p99_ratio']:11.2f}x",
+        f"    (g) review items queued {r.get('queued')}, refused (backlog full) {r.get('refused')}, "
+        f"{(r.get('bytes') or 0) / 1e6:.1f} MB of {r.get('image_format', 'png')}; writer still busy "
+        f"{r.get('drain_after_join_s', float('nan')):.2f} s after join",
+    ]
+
+
+def inspect_lines(cases: dict[str, dict[str, Any]]) -> list[str]:
+    if "inspect" not in cases:
+        return []
+    h = cases["inspect"]
+    lat = h["latency_ms"]
+    rows = [("HTTP round trip (httpx)", "http_round_trip_ms"), ("processing_time_ms (answer)", "processing_time_ms"),
+            ("upload: record end_to_end_ms", "upload_end_to_end_ms"),
+            ("folder, triggered: trigger -> decided", "trigger_to_decided_ms"),
+            ("folder, triggered: record end_to_end", "trigger_end_to_end_ms")]
+    out = ["", f"(h) {h['frames']} parts one at a time (after {h['warmup']} untimed)   p50 ms   p99 ms"]
+    out += [f"    {label:40s} {lat[key]['p50']:8.1f} {lat[key]['p99']:8.1f}" for label, key in rows]
+    out.append(f"    compare processing_time_ms with trigger -> decided (PNG decode + pipeline each); uploads "
+               f"{h['throughput_per_s']:.1f}/s, triggers {h['trigger_parts_per_s']:.1f}/s sequentially")
     return out
 
 
@@ -160,7 +209,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'case':38s} {'parts/s':>8s} {'(all runs)':>18s} {'p50 ms':>8s} {'p99 ms':>8s} {'cores busy':>11s} "
         f"{'peak RSS MB':>12s}  torch",
     ]
-    for name in ("backend", "pipeline", "naive"):
+    for name in (n for n in CASE_LABELS if n in cases):
         c = cases[name]
         lat = c["latency_ms"][HEADLINE_LATENCY[name]]
         all_runs = "/".join(f"{t:.0f}" for t in c.get("repeats", {}).get("throughput_per_s", []))
@@ -169,12 +218,12 @@ def format_table(report: dict[str, Any]) -> str:
             f"{c['cpu']['cores_busy']:11.2f} {c['process']['peak_rss_mb']:12.1f}  "
             f"{'imported' if c['process']['torch_imported'] else 'no'}"
         )
-    for name in ("backend", "pipeline", "naive"):
+    for name in (n for n in CASE_LABELS if n in cases):
         tput = cases[name].get("repeats", {}).get("throughput_per_s", [])
         if len(tput) > 1 and min(tput) > 0 and max(tput) / min(tput) > SPREAD_WARN:
             lines.append(f"  WARNING: {name} throughput varied {max(tput) / min(tput):.2f}x between rounds: the CPU "
                          "capacity this machine got changed during the bench; read the ratios with that in mind")
-    for name in ("backend", "pipeline", "naive"):
+    for name in (n for n in CASE_LABELS if n in cases):
         cpu = cases[name]["cpu"]
         other, steal = cpu.get("other_cores", 0.0), cpu.get("steal_cores", 0.0)
         if other > OTHER_LOAD_WARN_CORES or steal > OTHER_LOAD_WARN_CORES:
@@ -186,8 +235,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"    {key:29s} {lat['p50']:8.1f} {lat['p99']:8.1f}")
     by_thread = ", ".join(f"{k} {v:.1f}" for k, v in p.get("cpu_s_by_thread", {}).items())
     lines += [f"(b) CPU seconds by thread over {p['cpu']['wall_s']:.1f} s: {by_thread}",
-              f"(b) backend start (session creation, not timed above) {p['backend_start_s']:.2f} s", "",
-              "targets"]
+              f"(b) backend start (session creation, not timed above) {p['backend_start_s']:.2f} s"]
+    lines += review_cost_lines(cases) + inspect_lines(cases) + ["", "targets"]
     for t in targets.values():
         shown = f"{t['measured']:.2f}x" if t["unit"] == "ratio" else f"{t['measured']:.1f} MB"
         lines.append(f"  {t['description']:52s} {shown:>10s}  {'met' if t['met'] else 'MISSED'}")

@@ -8,6 +8,7 @@ machine allows mounting one.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import subprocess
 import time
@@ -123,7 +124,9 @@ def test_jpeg_pictures_use_the_configured_quality(tmp_path: Path):
     assert sizes[30] < sizes[95]
 
 
-def test_a_full_backlog_refuses_and_counts_without_blocking_and_keeps_order(tmp_path: Path):
+def test_a_full_backlog_refuses_and_counts_without_blocking_and_keeps_order(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.WARNING, logger="appliance.reporting.recorder")
     store = ReviewStore(tmp_path / "review", open_now=False)
     sink = ReviewSink(store, audit_rate=0.0, max_pending=3)
     # Another process holds the review store's write lock: the writer cannot write.
@@ -142,6 +145,10 @@ def test_a_full_backlog_refuses_and_counts_without_blocking_and_keeps_order(tmp_
     assert sink.flush(20)
     assert [i.inspection_id for i in store.items()] == [f"insp-{i:04d}" for i in range(3)]
     assert sink.summary()["refused"] == 5
+    # five refusals, one line (at most one a minute): not UNRECORDED, the parts are in the results log
+    lines = [r.getMessage() for r in caplog.records if "backlog is full" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("NOT QUEUED FOR REVIEW (the review backlog is full, "
+                                                   "review.pending_max)") and "in the results log" in lines[0]
     store.close()
 
 

@@ -79,6 +79,7 @@ class StoreWriter(Generic[T]):
         initial_error: str | None = None,
         dump: Callable[[T], str] = repr,
         limit_setting: str = "storage.pending_max",
+        refusal: tuple[str, int, float] = ("UNRECORDED", logging.ERROR, 0.0),
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
@@ -97,6 +98,12 @@ class StoreWriter(Generic[T]):
         self._thread: threading.Thread | None = None
         self._dump = dump
         self._limit_setting = limit_setting  # named in the refusal line: the setting that bounds this backlog
+        # How a refused item is logged: (word, level, at most one line per this many seconds; 0: every item). A
+        # record store's refusal is the record's last trace (UNRECORDED, every one); a best-effort store's (the
+        # review queue) is not, and a burst of them should not flood the journal.
+        self._refusal_word, self._refusal_level, self._refusal_every_s = refusal
+        self._refusal_logged_at: float | None = None
+        self._refused_unlogged = 0
         self._fault_error: str | None = initial_error
         self._fault_since = time.time() if initial_error else 0.0
         self._announced = False  # storage_fault sent for the current fault
@@ -120,8 +127,20 @@ class StoreWriter(Generic[T]):
                     self._thread = start_guarded(f"writer-{self.store}", self._run, self._failed_thread)
                 self._cond.notify_all()
         if not accepted:  # outside the lock: the dump may be long
-            log.error("UNRECORDED (the %s backlog is full, %s): %s", self.store, self._limit_setting, self._dump(item))
+            self._log_refusal(item)
         return accepted
+
+    def _log_refusal(self, item: T) -> None:
+        now = time.monotonic()
+        with self._cond:
+            last = self._refusal_logged_at
+            if last is not None and now - last < self._refusal_every_s:
+                self._refused_unlogged += 1
+                return
+            self._refusal_logged_at, more, self._refused_unlogged = now, self._refused_unlogged, 0
+        since = f" (and {more} more since the last such line)" if more else ""
+        log.log(self._refusal_level, "%s (the %s backlog is full, %s)%s: %s", self._refusal_word, self.store,
+                self._limit_setting, since, self._dump(item))
 
     def fault(self) -> StoreFault | None:
         with self._cond:

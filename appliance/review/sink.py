@@ -90,7 +90,7 @@ class ReviewSink:
         self.writer: StoreWriter[ReviewItem] = StoreWriter(
             "review", store.path, self._write, max_pending=max_pending, on_event=on_event, notes=store.take_notes,
             on_failure=on_failure, initial_error=store.open_error, dump=describe_item,
-            limit_setting="review.pending_max")
+            limit_setting="review.pending_max", refusal=("NOT QUEUED FOR REVIEW", logging.WARNING, 60.0))
 
     @classmethod
     def open(cls, folder: Path, section: Any, *, on_event: EventSink | None = None,

@@ -44,6 +44,7 @@ from engines.validate import MAP_RELATIVE, Validation, compare, golden_maps, val
 from export.onnx_export import MAP_PARITY_RELATIVE, WithDefectMap, export_onnx, map_parity
 from synthetic.parts import DEFECT_KINDS, render_part
 from tests.conftest import TINY_INPUT
+from tests.support.cuda import pagelocked_empty
 from tests.support.frames import write_frames
 from tests.support.settings import station_settings
 from tests.test_cuda_memory import FakeDriver
@@ -305,18 +306,6 @@ def reference_outputs(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return frame.mean(axis=(2, 3)) @ WEIGHTS, np.einsum("nchw,c->nhw", frame, MAP_WEIGHTS)
 
 
-class _HostAllocation:
-    """pycuda's HostAllocation as far as PinnedHostBuffer reaches: the `.base` of the array, with `free()`."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
-        self._memory = np.zeros(shape, dtype)
-        self.__array_interface__ = self._memory.__array_interface__
-        self.freed = False
-
-    def free(self) -> None:
-        self.freed = True
-
-
 class MemoryDriver(FakeDriver):
     """FakeDriver plus memory: pinned host arrays, device allocations as byte arrays, and async copies that
     record (operation, device address, stream) in `ops` in the order they were queued."""
@@ -349,7 +338,7 @@ class MemoryDriver(FakeDriver):
         self.Allocation, self.Stream = Allocation, Stream
 
     def pagelocked_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-        return np.asarray(_HostAllocation(shape, dtype))
+        return pagelocked_empty(shape, dtype)
 
     def mem_alloc(self, nbytes: int) -> Any:
         return self.Allocation(nbytes)

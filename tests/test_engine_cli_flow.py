@@ -50,6 +50,7 @@ from engines.manifest import DeviceInfo, load_manifest, manifest_path
 from engines.plan import BuildPlan, BuildRequest, plan_build
 from engines.store import timing_cache_path
 from engines.validate import Validation, golden_reference, validate
+from tests.support.cuda import pagelocked_empty
 from tests.support.threads import run_on_thread
 from tests.test_cuda_memory import FakeDriver
 from tests.test_engine_build_logic import FakeTensorRT
@@ -494,18 +495,6 @@ def test_out_of_workspace_names_the_size_and_the_knob_to_raise(onnx: Path) -> No
 # --- CUDA resources belong to the thread that made them (engines/cuda_memory.py, stand-in pycuda) -------------
 
 
-class HostAllocation:
-    """pycuda's HostAllocation: the `.base` of the array pagelocked_empty returns, with `free()`."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
-        self._memory = np.zeros(shape, dtype)
-        self.__array_interface__ = self._memory.__array_interface__
-        self.freed = False
-
-    def free(self) -> None:
-        self.freed = True
-
-
 class Allocation:
     """pycuda's DeviceAllocation: an address (`int()`) and `free()`."""
 
@@ -531,7 +520,7 @@ def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDriver]:
             return result(*args)
         return call
 
-    fake.pagelocked_empty = record("pagelocked_empty", lambda shape, dtype: np.asarray(HostAllocation(shape, dtype)))
+    fake.pagelocked_empty = record("pagelocked_empty", pagelocked_empty)
     fake.mem_alloc = record("mem_alloc", lambda nbytes: Allocation(0x7000_0000 + nbytes))
     fake.memcpy_htod_async = record("memcpy_htod_async", lambda dst, src, stream: None)
     fake.memcpy_dtoh_async = record("memcpy_dtoh_async", lambda dst, src, stream: None)
